@@ -1,0 +1,214 @@
+"""Framing: a 4-byte big-endian length, then that many bytes of body (sans-I/O).
+
+::
+
+    offset  size  field
+    0       4     body length N, unsigned big-endian; 1 <= N <= max_frame_size
+    4       N     body: exactly one msgpack object (see asyncdist.codec / asyncdist.protocol)
+
+:class:`FrameDecoder` turns bytes into frame bodies, whatever the chunking.
+It checks the announced length against the limit as soon as the 4 header
+bytes are in, before it buffers or reserves anything for the body, so a
+header announcing 4 GiB costs nothing. Bodies that fit its scratch buffer are
+handed out as views into that buffer; a larger body gets one buffer of
+exactly its size, which the caller fills directly (``get_buffer`` /
+``buffer_updated``, the shape of :class:`asyncio.BufferedProtocol`), so a
+large frame is never copied after the kernel wrote it.
+
+This module does no I/O and imports no asyncio, socket or ssl.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .errors import ProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "HEADER_SIZE",
+    "PREAUTH_MAX_FRAME_SIZE",
+    "FrameDecoder",
+    "encode_frame",
+    "frame_header",
+]
+
+HEADER_SIZE = 4
+DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
+PREAUTH_MAX_FRAME_SIZE = 1024
+_MAX_REPRESENTABLE = 2**32 - 1
+_DEFAULT_SCRATCH = 256 * 1024
+# get_buffer() compacts the scratch buffer when less than this is free at its end.
+_MIN_FREE = 16 * 1024
+
+_header = struct.Struct(">I")
+_unpack_header = _header.unpack_from
+
+
+def frame_header(length: int) -> bytes:
+    """Return the 4-byte header for a body of ``length`` bytes."""
+    if not 0 < length <= _MAX_REPRESENTABLE:
+        raise ValueError(f"frame body length {length} is out of range")
+    return _header.pack(length)
+
+
+def encode_frame(body: bytes) -> bytes:
+    """Return header + ``body`` as one bytes object (for small bodies)."""
+    return frame_header(len(body)) + body
+
+
+class FrameDecoder:
+    """Incremental decoder of length-prefixed frames.
+
+    Two ways to feed it, which may not be mixed within one frame:
+
+    * :meth:`feed` takes any bytes and returns the completed bodies as
+      ``bytes``;
+    * :meth:`get_buffer` returns a writable view to receive into, and
+      :meth:`buffer_updated` reports how many bytes were written there and
+      returns the completed bodies. Bodies from this path are memoryviews or
+      bytearrays that stay valid only until the next call into the decoder,
+      so decode them at once.
+
+    Both raise :class:`ProtocolError` for a zero-length frame or one above
+    ``max_frame_size``; after that the decoder is unusable and the
+    connection must be closed. :meth:`eof` raises if the stream ended in the
+    middle of a frame.
+    """
+
+    __slots__ = (
+        "_body",
+        "_body_filled",
+        "_end",
+        "_failed",
+        "_scratch",
+        "_start",
+        "_view",
+        "batch",
+        "max_frame_size",
+    )
+
+    def __init__(
+        self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, *, scratch_size: int = _DEFAULT_SCRATCH
+    ) -> None:
+        if not 0 < max_frame_size <= _MAX_REPRESENTABLE:
+            raise ValueError(f"max_frame_size must be in 1..2**32-1, not {max_frame_size}")
+        if scratch_size < 2 * _MIN_FREE:
+            raise ValueError(f"scratch_size must be at least {2 * _MIN_FREE}")
+        #: Largest body accepted; may be raised or lowered between frames.
+        self.max_frame_size = max_frame_size
+        #: Most frames returned per call (0: no limit). With 1, the caller can
+        #: change ``max_frame_size`` between frames and fetch the rest with :meth:`more`.
+        self.batch = 0
+        self._scratch = bytearray(scratch_size)
+        self._view = memoryview(self._scratch)
+        self._start = 0  # first unparsed byte in scratch
+        self._end = 0  # one past the last received byte in scratch
+        self._body: bytearray | None = None  # a large body being received in place
+        self._body_filled = 0
+        self._failed = False
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def in_frame(self) -> bool:
+        """True while a frame has started but is not complete."""
+        return self._body is not None or self._end > self._start
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed out as part of a complete frame."""
+        return self._body_filled + (self._end - self._start)
+
+    def eof(self) -> None:
+        """Declare the end of the stream; raise :class:`ProtocolError` inside a frame."""
+        if self.in_frame:
+            raise ProtocolError(f"connection ended inside a frame ({self.buffered} bytes pending)")
+
+    # -- buffered path -----------------------------------------------------------------
+
+    def get_buffer(self) -> memoryview:
+        """Return the writable region where the next received bytes must go."""
+        if self._failed:
+            raise ProtocolError("frame decoder used after a protocol error")
+        body = self._body
+        if body is not None:
+            return memoryview(body)[self._body_filled :]
+        free = len(self._scratch) - self._end
+        if free < _MIN_FREE:
+            start, end = self._start, self._end
+            if start:
+                self._scratch[: end - start] = self._view[start:end]
+                self._start, self._end = 0, end - start
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> list[memoryview | bytearray]:
+        """Account for ``nbytes`` written into the last :meth:`get_buffer` view."""
+        body = self._body
+        if body is not None:
+            self._body_filled += nbytes
+            if self._body_filled < len(body):
+                return []
+            self._body = None
+            self._body_filled = 0
+            return [body]
+        self._end += nbytes
+        return self._parse()
+
+    def more(self) -> list[memoryview | bytearray]:
+        """Return frames already buffered but held back by :attr:`batch`."""
+        if self._body is not None or self._failed:
+            return []
+        return self._parse()
+
+    def _parse(self) -> list[memoryview | bytearray]:
+        frames: list[memoryview | bytearray] = []
+        batch = self.batch
+        view = self._view
+        start, end = self._start, self._end
+        limit = self.max_frame_size
+        capacity = len(self._scratch) - HEADER_SIZE
+        while end - start >= HEADER_SIZE:
+            (length,) = _unpack_header(view, start)
+            if length > limit or length == 0:
+                self._failed = True
+                self._start = self._end = 0
+                if length == 0:
+                    raise ProtocolError("zero-length frame")
+                raise ProtocolError(f"frame too large: {length} bytes announced, limit {limit}")
+            available = end - start - HEADER_SIZE
+            if available >= length:
+                body_start = start + HEADER_SIZE
+                frames.append(view[body_start : body_start + length])
+                start = body_start + length
+                if batch and len(frames) >= batch:
+                    break
+            elif length > capacity:
+                # Too big for the scratch buffer: receive the rest in place.
+                body = bytearray(length)
+                body[:available] = view[start + HEADER_SIZE : end]
+                self._body = body
+                self._body_filled = available
+                start = end = 0
+                break
+            else:
+                break
+        if start == end:
+            start = end = 0
+        self._start, self._end = start, end
+        return frames
+
+    # -- plain path --------------------------------------------------------------------
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Consume ``data`` and return every body it completed, as ``bytes``."""
+        out: list[bytes] = []
+        mv = memoryview(data).cast("B")
+        pos, total = 0, len(mv)
+        while pos < total:
+            buf = self.get_buffer()
+            n = min(len(buf), total - pos)
+            buf[:n] = mv[pos : pos + n]
+            pos += n
+            out.extend(bytes(f) for f in self.buffer_updated(n))
+        return out

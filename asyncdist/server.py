@@ -1,0 +1,321 @@
+"""serve(): accept authenticated connections over TCP or a Unix socket.
+
+Each accepted connection is a :class:`~asyncdist.connection.Connection`
+that speaks first (HELLO) and must finish the handshake within
+``handshake_timeout``. At most ``max_unauthenticated`` connections may be in
+the handshake at once; more are closed on arrival, so a flood of silent
+connections costs bounded memory and file descriptors and never touches
+sessions that are already open. A connection that breaks the protocol is
+closed alone; the server keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import socket
+import ssl as _ssl
+import stat
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .connection import Connection, Handler, Options, _AwaitableContext
+from .errors import ProtocolError
+from .security import check_bind, resolve_secret
+
+__all__ = ["Server", "ServerStats", "serve"]
+
+log = logging.getLogger("asyncdist.server")
+
+HandlerTable = Mapping[str, Handler]
+HandlerFactory = Callable[[Connection], HandlerTable]
+OnConnect = Callable[[Connection], Awaitable[None] | None]
+
+
+@dataclass
+class ServerStats:
+    """Counters of a server since it started."""
+
+    accepted: int = 0
+    refused_unauthenticated: int = 0
+    opened: int = 0
+    handshake_failures: int = 0
+    protocol_errors: int = 0
+    closed: int = 0
+
+
+class Server:
+    """A listening asyncdist server (made by :func:`serve`)."""
+
+    def __init__(
+        self,
+        handlers: HandlerTable | HandlerFactory | None,
+        *,
+        secret: bytes | None,
+        options: Options,
+        on_connect: OnConnect | None,
+        max_unauthenticated: int,
+    ) -> None:
+        self._handlers = handlers
+        self._secret = secret
+        self.options = options
+        self._on_connect = on_connect
+        self._max_unauth = max_unauthenticated
+        self._server: asyncio.Server | None = None
+        self._handshaking: set[Connection] = set()
+        self._open: set[Connection] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._path: str | None = None
+        self._closing = False
+        self._closed = asyncio.get_running_loop().create_future()
+        self.stats = ServerStats()
+
+    # -- public ------------------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int] | str:
+        """``(host, port)`` of the first listening socket, or the Unix socket path."""
+        if self._path is not None:
+            return self._path
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    @property
+    def port(self) -> int:
+        """The TCP port (useful after binding port 0)."""
+        address = self.address
+        if isinstance(address, str):
+            raise ValueError("a Unix socket server has no port")
+        return address[1]
+
+    @property
+    def connections(self) -> frozenset[Connection]:
+        """Connections that completed the handshake and are not closed yet."""
+        return frozenset(self._open)
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        """The listening sockets."""
+        return tuple(self._server.sockets) if self._server is not None else ()
+
+    def close(self) -> None:
+        """Stop listening and start closing every connection gracefully. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._handshaking):
+            conn.abort()
+        for conn in list(self._open):
+            self._track(conn.close("server shutting down"))
+        loop = asyncio.get_running_loop()
+        self._track(self._finish_close(loop))
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`close` finished: listener and every connection closed."""
+        await asyncio.shield(self._closed)
+
+    async def aclose(self) -> None:
+        """:meth:`close` and :meth:`wait_closed`."""
+        self.close()
+        await self.wait_closed()
+
+    async def serve_forever(self) -> None:
+        """Wait until the server is closed (cancelling this closes it)."""
+        try:
+            await self.wait_closed()
+        except asyncio.CancelledError:
+            await self.aclose()
+            raise
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        where = self.address if self._server is not None else "?"
+        return f"<Server {where} open={len(self._open)}>"
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _track(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _finish_close(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+        conns = list(self._open) + list(self._handshaking)
+        for conn in conns:
+            await conn.wait_closed()
+        others = [t for t in self._tasks if t is not asyncio.current_task()]
+        if others:
+            await asyncio.gather(*others, return_exceptions=True)
+        if self._path is not None:
+            try:
+                if stat.S_ISSOCK(os.stat(self._path).st_mode):
+                    os.unlink(self._path)
+            except OSError:
+                pass
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def _make_connection(self) -> Connection:
+        self.stats.accepted += 1
+        handlers = self._handlers if isinstance(self._handlers, Mapping) else None
+        conn = Connection(
+            initiator=False,
+            secret=self._secret,
+            handlers=handlers,
+            options=self.options,
+            on_open=self._opened,
+            on_lost=self._lost,
+        )
+        if self._closing or len(self._handshaking) >= self._max_unauth:
+            self.stats.refused_unauthenticated += 1
+            if self.stats.refused_unauthenticated in (1, 10, 100, 1000) or (
+                self.stats.refused_unauthenticated % 10000 == 0
+            ):
+                log.warning(
+                    "refusing connections: %d are already in the handshake (refused so far: %d)",
+                    len(self._handshaking),
+                    self.stats.refused_unauthenticated,
+                )
+            conn.refuse_on_arrival = True
+        else:
+            self._handshaking.add(conn)
+        return conn
+
+    def _opened(self, conn: Connection) -> None:
+        self._handshaking.discard(conn)
+        self._open.add(conn)
+        self.stats.opened += 1
+        if self._handlers is not None and not isinstance(self._handlers, Mapping):
+            conn.handlers = self._handlers(conn)
+        if self._on_connect is not None:
+            result = self._on_connect(conn)
+            if inspect.isawaitable(result):
+                self._track(self._run_on_connect(conn, result))
+
+    async def _run_on_connect(self, conn: Connection, aw: Awaitable[None]) -> None:
+        try:
+            await aw
+        except Exception:
+            log.exception("on_connect failed for %s; closing it", conn.remote_address)
+            conn.abort()
+
+    def _lost(self, conn: Connection) -> None:
+        if conn.refuse_on_arrival:
+            return
+        if conn in self._handshaking:
+            self._handshaking.discard(conn)
+            self.stats.handshake_failures += 1
+        else:
+            self._open.discard(conn)
+            self.stats.closed += 1
+        exc = conn.close_exception
+        cause = exc.__cause__ if exc is not None else None
+        if isinstance(cause, ProtocolError):
+            self.stats.protocol_errors += 1
+
+
+async def _start(
+    server: Server,
+    host: str | None,
+    port: int | None,
+    path: str | None,
+    ssl: _ssl.SSLContext | None,
+    backlog: int,
+    reuse_port: bool | None,
+) -> Server:
+    loop = asyncio.get_running_loop()
+    hs_timeout = server.options.handshake_timeout if ssl is not None else None
+    if path is not None:
+        old = os.umask(0o177)  # the socket file is created 0600
+        try:
+            server._server = await loop.create_unix_server(
+                server._make_connection,
+                path,
+                ssl=ssl,
+                backlog=backlog,
+                ssl_handshake_timeout=hs_timeout,
+            )
+        finally:
+            os.umask(old)
+        server._path = path
+    else:
+        server._server = await loop.create_server(
+            server._make_connection,
+            host,
+            port or 0,
+            ssl=ssl,
+            backlog=backlog,
+            reuse_port=reuse_port,
+            ssl_handshake_timeout=hs_timeout,
+        )
+    return server
+
+
+def serve(
+    handlers: HandlerTable | HandlerFactory | None = None,
+    host: str | None = "127.0.0.1",
+    port: int | None = 0,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    secret: str | bytes | None = None,
+    secret_file: str | os.PathLike[str] | None = None,
+    ssl: _ssl.SSLContext | None = None,
+    insecure: bool = False,
+    on_connect: OnConnect | None = None,
+    options: Options | None = None,
+    max_unauthenticated: int = 64,
+    backlog: int = 1024,
+    reuse_port: bool | None = None,
+    **option_overrides: Any,
+) -> _AwaitableContext[Server]:
+    """Listen for asyncdist connections; ``await`` it or use ``async with``.
+
+    ``handlers`` is one mapping of name to handler shared by every
+    connection, or a function ``(connection) -> mapping`` called for each
+    connection once it is authenticated. ``on_connect(connection)`` (sync
+    or async) runs after that. Binds 127.0.0.1 by default; a non-loopback
+    ``host`` without a secret or mutual TLS raises
+    :class:`~asyncdist.errors.ConfigurationError` unless ``insecure=True``.
+    ``path`` serves on a Unix socket (mode 0600) instead of TCP. Keyword
+    arguments named like :class:`~asyncdist.connection.Options` fields
+    override ``options``.
+    """
+    opts = replace(options or Options(), **option_overrides)
+    key = resolve_secret(secret, secret_file=secret_file)
+    if path is None:
+        check_bind(host, secret=key, ssl=ssl, insecure=insecure)
+        if insecure and key is None and ssl is None:
+            log.warning("serving on %s:%s WITHOUT authentication (insecure=True)", host, port)
+
+    async def start() -> Server:
+        server = Server(
+            handlers,
+            secret=key,
+            options=opts,
+            on_connect=on_connect,
+            max_unauthenticated=max_unauthenticated,
+        )
+        return await _start(
+            server,
+            host,
+            port,
+            os.fspath(path) if path is not None else None,
+            ssl,
+            backlog,
+            reuse_port,
+        )
+
+    return _AwaitableContext(start)
