@@ -272,6 +272,11 @@ class Codec:
         if len(tb) > MAX_TRACEBACK:
             tb = tb[: MAX_TRACEBACK // 2] + "\n[...]\n" + tb[-MAX_TRACEBACK // 2 :]
         args: list[Any] = list(exc.args)
+        if isinstance(exc, OSError) and exc.filename is not None and len(args) == 2:
+            # OSError keeps the file names outside .args; its constructor takes them back.
+            args.append(exc.filename)
+            if exc.filename2 is not None:
+                args += [None, exc.filename2]
         try:
             self._nested(args)
         except Exception:

@@ -213,14 +213,14 @@ class Connection(asyncio.BufferedProtocol):
         self._context = contextvars.copy_context()
         self._context.run(_current.set, self)
 
-        self._next_id = 1
+        self._ids = P.CallIds()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._streams: dict[int, Stream[Any]] = {}
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._peer_limit = 1
         self._peer_max_frame = PREAUTH_MAX_FRAME_SIZE
 
-        self._incoming: set[int] = set()
+        self._incoming = self._ids.incoming
         self._call_tasks: dict[int, asyncio.Task[None]] = {}
         self._producers: dict[int, _Producer] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -290,8 +290,7 @@ class Connection(asyncio.BufferedProtocol):
             await self._wait_slot()
         if self._write_paused:
             await self._drain()
-        call_id = self._next_id
-        self._next_id = call_id + 1
+        call_id = self._ids.allocate()
         fut = self._loop.create_future()
         self._pending[call_id] = fut
         try:
@@ -506,6 +505,7 @@ class Connection(asyncio.BufferedProtocol):
         self._in_receive = True
         try:
             self._receive(frames)
+            self._decoder.check()
         except ProtocolError as exc:
             self._protocol_error(exc)
         except AuthenticationError as exc:
@@ -818,7 +818,7 @@ class Connection(asyncio.BufferedProtocol):
             self._on_close_message(msg[1])
 
     def _late(self, call_id: int) -> None:
-        if call_id >= self._next_id:
+        if not self._ids.issued(call_id):
             raise ProtocolError(f"answer for call id {call_id}, which was never issued")
         if call_id in self._pending:
             raise ProtocolError(f"stream message for call {call_id}, which is not a stream")
@@ -850,7 +850,7 @@ class Connection(asyncio.BufferedProtocol):
     def _on_call(self, msg: list[Any]) -> None:
         call_id = msg[1]
         if call_id in self._incoming:
-            raise ProtocolError(f"duplicate call id {call_id} while the first is pending")
+            self._ids.begin_incoming(call_id)  # raises: a duplicate of a call in progress
         self.stats.calls_received += 1
         if self._state != _OPEN:
             self._send([P.ERROR, call_id, ConnectionClosedOK("connection is closing")])
@@ -1086,8 +1086,7 @@ class Stream(Generic[_T]):
             await conn._wait_slot()
         if conn._write_paused:
             await conn._drain()
-        call_id = conn._next_id
-        conn._next_id = call_id + 1
+        call_id = conn._ids.allocate()
         self._id = call_id
         conn._streams[call_id] = self
         try:

@@ -72,13 +72,17 @@ class FrameDecoder:
 
     Both raise :class:`ProtocolError` for a zero-length frame or one above
     ``max_frame_size``; after that the decoder is unusable and the
-    connection must be closed. :meth:`eof` raises if the stream ended in the
+    connection must be closed. When complete frames precede the bad header
+    in the same input, those frames are returned first and the error is
+    raised by the next call, or by :meth:`check`, which a caller should run
+    after handling each batch. :meth:`eof` raises if the stream ended in the
     middle of a frame.
     """
 
     __slots__ = (
         "_body",
         "_body_filled",
+        "_deferred",
         "_end",
         "_failed",
         "_scratch",
@@ -107,6 +111,9 @@ class FrameDecoder:
         self._body: bytearray | None = None  # a large body being received in place
         self._body_filled = 0
         self._failed = False
+        # An error found after complete frames in the same chunk: raised on the next call,
+        # so those frames are still delivered (whole or byte by byte, the same result).
+        self._deferred: ProtocolError | None = None
 
     # -- state -------------------------------------------------------------------------
 
@@ -120,8 +127,15 @@ class FrameDecoder:
         """Bytes received and not yet handed out as part of a complete frame."""
         return self._body_filled + (self._end - self._start)
 
+    def check(self) -> None:
+        """Raise the :class:`ProtocolError` found after the frames last returned, if any."""
+        if self._deferred is not None:
+            exc, self._deferred = self._deferred, None
+            raise exc
+
     def eof(self) -> None:
         """Declare the end of the stream; raise :class:`ProtocolError` inside a frame."""
+        self.check()
         if self.in_frame:
             raise ProtocolError(f"connection ended inside a frame ({self.buffered} bytes pending)")
 
@@ -129,6 +143,7 @@ class FrameDecoder:
 
     def get_buffer(self) -> memoryview:
         """Return the writable region where the next received bytes must go."""
+        self.check()
         if self._failed:
             raise ProtocolError("frame decoder used after a protocol error")
         body = self._body
@@ -144,6 +159,7 @@ class FrameDecoder:
 
     def buffer_updated(self, nbytes: int) -> list[memoryview | bytearray]:
         """Account for ``nbytes`` written into the last :meth:`get_buffer` view."""
+        self.check()
         body = self._body
         if body is not None:
             self._body_filled += nbytes
@@ -157,6 +173,7 @@ class FrameDecoder:
 
     def more(self) -> list[memoryview | bytearray]:
         """Return frames already buffered but held back by :attr:`batch`."""
+        self.check()
         if self._body is not None or self._failed:
             return []
         return self._parse()
@@ -174,8 +191,13 @@ class FrameDecoder:
                 self._failed = True
                 self._start = self._end = 0
                 if length == 0:
-                    raise ProtocolError("zero-length frame")
-                raise ProtocolError(f"frame too large: {length} bytes announced, limit {limit}")
+                    exc = ProtocolError("zero-length frame")
+                else:
+                    exc = ProtocolError(f"frame too large: {length} bytes announced, limit {limit}")
+                if frames:
+                    self._deferred = exc
+                    return frames
+                raise exc
             available = end - start - HEADER_SIZE
             if available >= length:
                 body_start = start + HEADER_SIZE
@@ -211,4 +233,6 @@ class FrameDecoder:
             buf[:n] = mv[pos : pos + n]
             pos += n
             out.extend(bytes(f) for f in self.buffer_updated(n))
+            if self._deferred is not None:
+                break
         return out

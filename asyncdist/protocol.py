@@ -192,16 +192,16 @@ def validate(msg: Any) -> list[Any]:
 
 
 class CallIds:
-    """Allocates this side's call ids and checks the peer's for duplicates.
+    """Allocates this side's call ids and tracks the peer's, refusing duplicates.
 
-    ``start`` gives each side of a pair of objects a different range in
-    tests; on the wire the two id spaces never mix (see the module docstring).
+    The two id spaces never mix on the wire (see the module docstring), so
+    both sides may use the same numbers.
     """
 
     __slots__ = ("_next", "incoming")
 
-    def __init__(self, start: int = 1) -> None:
-        self._next = start
+    def __init__(self) -> None:
+        self._next = 1
         #: Ids of the peer's calls that this side is still handling.
         self.incoming: set[int] = set()
 
@@ -210,6 +210,10 @@ class CallIds:
         i = self._next
         self._next = i + 1
         return i
+
+    def issued(self, call_id: int) -> bool:
+        """True if :meth:`allocate` has returned ``call_id``."""
+        return 0 < call_id < self._next
 
     def begin_incoming(self, call_id: int) -> None:
         """Record a peer call; raise :class:`ProtocolError` if its id is already in use."""

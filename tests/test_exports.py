@@ -1,0 +1,53 @@
+"""The public API: __all__ lists exactly what the package exports, and every name exists."""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+import asyncdist
+
+PUBLIC_MODULES = [
+    "asyncdist.codec",
+    "asyncdist.connection",
+    "asyncdist.errors",
+    "asyncdist.frames",
+    "asyncdist.loop",
+    "asyncdist.protocol",
+    "asyncdist.security",
+    "asyncdist.server",
+    "asyncdist.testing",
+    "asyncdist.cli",
+]
+
+
+def test_package_all_matches_public_names() -> None:
+    public = {
+        name
+        for name, value in vars(asyncdist).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert set(asyncdist.__all__) == public | {"__version__"}
+    assert "__version__" in asyncdist.__all__
+    assert sorted(asyncdist.__all__) == list(asyncdist.__all__)
+
+
+def test_every_module_all_is_importable() -> None:
+    for name in PUBLIC_MODULES:
+        module = importlib.import_module(name)
+        for attr in module.__all__:
+            assert hasattr(module, attr), f"{name}.{attr}"
+
+
+def test_core_names_of_the_design_contract() -> None:
+    for name in (
+        "connect",
+        "serve",
+        "run",
+        "Connection",
+        "ConnectionClosed",
+        "ProtocolError",
+        "AuthenticationError",
+        "RemoteError",
+    ):
+        assert name in asyncdist.__all__
