@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import logging
 import os
 import ssl as _ssl
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, replace
@@ -215,7 +217,8 @@ class Connection(asyncio.BufferedProtocol):
 
         self._ids = P.CallIds()
         self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._streams: dict[int, Stream[Any]] = {}
+        # Weak: a stream its consumer dropped (``break`` out of ``async for``) is cancelled.
+        self._streams: weakref.WeakValueDictionary[int, Stream[Any]] = weakref.WeakValueDictionary()
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._peer_limit = 1
         self._peer_max_frame = PREAUTH_MAX_FRAME_SIZE
@@ -308,7 +311,8 @@ class Connection(asyncio.BufferedProtocol):
                 return await fut
             async with asyncio.timeout(timeout):
                 return await fut
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, TimeoutError):
+            # Cancelled here or timed out (a TimeoutError raised remotely finds nothing pending).
             if self._pending.pop(call_id, None) is not None:
                 self._release_slot()
                 if self._state == _OPEN:
@@ -454,6 +458,12 @@ class Connection(asyncio.BufferedProtocol):
                 raise
             if self._state != _OPEN:
                 raise self._refusal()
+
+    def _abandon_stream(self, call_id: int) -> None:
+        # The consumer dropped an unfinished stream without closing it.
+        self._release_slot()
+        if self._state == _OPEN:
+            self._send([P.CANCEL, call_id])
 
     def _release_slot(self) -> None:
         waiters = self._slot_waiters
@@ -701,8 +711,9 @@ class Connection(asyncio.BufferedProtocol):
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(self._refusal())
-        streams, self._streams = self._streams, {}
-        for st in streams.values():
+        streams = list(self._streams.values())
+        self._streams = weakref.WeakValueDictionary()
+        for st in streams:
             st._fail(self._refusal())
         for fut in list(self._slot_waiters) + list(self._drain_waiters):
             if not fut.done():
@@ -918,13 +929,13 @@ class Connection(asyncio.BufferedProtocol):
         rt = type(result)
         if credit:
             if hasattr(result, "__aiter__") or (hasattr(result, "__iter__") and rt not in _PLAIN_TYPES):
-                self._start_task(call_id, self._produce(call_id, result, credit))
+                self._start_task(call_id, self._produce(call_id, result, credit), result)
             else:
                 self._close_awaitable(result)
                 self._send_error(call_id, TypeError(f"handler {name!r} did not return an iterable to stream"))
             return
         if rt is CoroutineType or (rt not in _PLAIN_TYPES and inspect.isawaitable(result)):
-            self._start_task(call_id, self._await_result(call_id, result))
+            self._start_task(call_id, self._await_result(call_id, result), result)
         elif rt not in _PLAIN_TYPES and inspect.isasyncgen(result):
             self._send_error(call_id, TypeError(f"handler {name!r} returns a stream: call it with stream()"))
         else:
@@ -954,12 +965,19 @@ class Connection(asyncio.BufferedProtocol):
         if inspect.iscoroutine(result):
             result.close()
 
-    def _start_task(self, call_id: int, coro: Coroutine[Any, Any, None]) -> None:
+    def _start_task(self, call_id: int, coro: Coroutine[Any, Any, None], inner: Any) -> None:
         task = self._loop.create_task(coro, context=self._context.copy())
         self._incoming.add(call_id)
         self._call_tasks[call_id] = task
         self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(functools.partial(self._call_done, call_id, inner))
+
+    def _call_done(self, call_id: int, inner: Any, task: asyncio.Task[None]) -> None:
+        # A task cancelled before it ever ran never entered its coroutine: close what it wraps.
+        if task.cancelled():
+            self._close_awaitable(inner)
+        self._end_call(call_id)
+        self._task_done(task)
 
     def _end_call(self, call_id: int) -> None:
         self._incoming.discard(call_id)
@@ -985,8 +1003,6 @@ class Connection(asyncio.BufferedProtocol):
             self._send_error(call_id, exc)
         else:
             self._reply(call_id, result)
-        finally:
-            self._end_call(call_id)
 
     def _reply(self, call_id: int, result: Any) -> None:
         if self._state >= _CLOSED:
@@ -1037,7 +1053,6 @@ class Connection(asyncio.BufferedProtocol):
                     log.exception("closing stream %d failed", call_id)
             elif hasattr(iterator, "close"):
                 iterator.close()
-            self._end_call(call_id)
 
     async def _send_item(self, call_id: int, producer: _Producer, item: Any) -> None:
         while producer.credit <= 0:
@@ -1151,6 +1166,13 @@ class Stream(Generic[_T]):
             finally:
                 self._waiter = None
 
+    def __del__(self) -> None:
+        if self._id is not None and not self._finished:
+            try:
+                self._conn._loop.call_soon_threadsafe(self._conn._abandon_stream, self._id)
+            except RuntimeError:  # the loop is closed: so is the connection
+                pass
+
     async def aclose(self) -> None:
         """Stop the stream early: the remote producer is cancelled. Idempotent."""
         if self._finished:
@@ -1241,7 +1263,10 @@ async def _open_connection(
             except OSError as exc:
                 raise ConnectError(f"cannot connect to {where}: {exc}") from exc
             assert conn is not None
-            await asyncio.shield(conn._opened)
+            try:
+                await asyncio.shield(conn._opened)
+            except (ConnectionClosed, OSError) as exc:
+                raise ConnectError(f"connection to {where} lost during the handshake: {exc}") from exc
     except TimeoutError:
         if conn is not None:
             conn.abort()

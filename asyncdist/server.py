@@ -69,6 +69,7 @@ class Server:
         self._open: set[Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._path: str | None = None
+        self._address: tuple[str, int] | None = None
         self._closing = False
         self._closed = asyncio.get_running_loop().create_future()
         self.stats = ServerStats()
@@ -80,9 +81,8 @@ class Server:
         """``(host, port)`` of the first listening socket, or the Unix socket path."""
         if self._path is not None:
             return self._path
-        assert self._server is not None
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return host, port
+        assert self._address is not None
+        return self._address
 
     @property
     def port(self) -> int:
@@ -261,6 +261,7 @@ async def _start(
             reuse_port=reuse_port,
             ssl_handshake_timeout=hs_timeout,
         )
+        server._address = tuple(server._server.sockets[0].getsockname()[:2])
     return server
 
 
