@@ -15,7 +15,7 @@ async def shout(text: str) -> str:
     return f"{text.upper()}, {name}!"
 
 
-async def countdown(n: int):  # noqa: ANN201 - an async generator handler: use conn.stream()
+async def countdown(n: int):  # an async generator handler: call it with conn.stream()
     for i in range(n, 0, -1):
         yield i
         await asyncio.sleep(0)
@@ -24,8 +24,9 @@ async def countdown(n: int):  # noqa: ANN201 - an async generator handler: use c
 async def main() -> None:
     secret = asyncdist.security.generate_secret()
     handlers = {"shout": shout, "countdown": countdown, "add": lambda a, b: a + b}
-    async with asyncdist.serve(handlers, port=0, secret=secret) as server:
-        async with asyncdist.connect(port=server.port, secret=secret, handlers={"whoami": lambda: "Meeta"}) as conn:
+    client_handlers = {"whoami": lambda: "Meeta"}
+    async with asyncdist.serve(handlers, port=0, secret=secret) as server:  # noqa: SIM117 - server.port
+        async with asyncdist.connect(port=server.port, secret=secret, handlers=client_handlers) as conn:
             print(await conn.call("add", 2, 3))
             print(await conn.call("shout", "hello"))
             print([i async for i in conn.stream("countdown", 5)])
