@@ -29,6 +29,7 @@ quadratic. Any failure raises :class:`asyncdist.errors.ProtocolError`.
 
 from __future__ import annotations
 
+import struct
 import traceback
 from collections import Counter
 from collections.abc import Callable
@@ -70,6 +71,8 @@ MAX_BIGINT_BYTES = 64 * 1024
 PicklePolicy = Literal["refuse", "opaque", "load"]
 
 MAX_NESTED_EXT = 64
+#: Bytes values at least this large are written by reference, not copied (see Codec.encode_parts).
+LARGE_BYTES = 64 * 1024
 MAX_TRACEBACK = 64 * 1024
 _SAME_HASH_LIMIT = 8
 
@@ -162,6 +165,29 @@ def decode_plain(data: bytes | bytearray | memoryview) -> Any:
         raise ProtocolError(f"malformed message: {type(exc).__name__}: {exc}") from exc
 
 
+_BYTES_TYPES: frozenset[type] = frozenset({bytes, bytearray, memoryview})
+_array16 = struct.Struct(">BH").pack
+_array32 = struct.Struct(">BI").pack
+
+
+def _nbytes(value: bytes | bytearray | memoryview) -> int:
+    return value.nbytes if type(value) is memoryview else len(value)
+
+
+def _array_header(n: int) -> bytes:
+    if n <= 15:
+        return bytes((0x90 | n,))
+    if n <= 0xFFFF:
+        return _array16(0xDC, n)
+    return _array32(0xDD, n)
+
+
+def _bin_header(n: int) -> bytes:
+    if n > 0xFFFFFFFF:
+        raise SerializationError(f"a bytes value of {n} bytes is too large for msgpack")
+    return _array32(0xC6, n)  # bin 32: type byte, 4-byte length
+
+
 def _check_hashes(keys: list[Any]) -> None:
     if len(keys) <= _SAME_HASH_LIMIT:
         return
@@ -213,6 +239,54 @@ class Codec:
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             self._packer.reset()
             raise SerializationError(f"cannot encode value: {exc}") from exc
+
+    def encode_parts(self, msg: list[Any]) -> list[bytes | memoryview] | None:
+        """Encode a message array without copying its large bytes values, or return None.
+
+        Looks at the items of ``msg`` and of lists directly inside it. If one
+        is a bytes-like value of at least :data:`LARGE_BYTES`, returns
+        buffers whose concatenation is exactly ``encode(msg)``, with that
+        value itself among them (written by reference, never copied).
+        Otherwise returns None: use :meth:`encode`.
+        """
+        found = False
+        for item in msg:
+            t = type(item)
+            if t in _BYTES_TYPES:
+                if _nbytes(item) >= LARGE_BYTES:
+                    found = True
+                    break
+            elif t is list:
+                for inner in item:
+                    if type(inner) in _BYTES_TYPES and _nbytes(inner) >= LARGE_BYTES:
+                        found = True
+                        break
+                if found:
+                    break
+        if not found:
+            return None
+        parts: list[bytes | memoryview] = []
+        small: list[bytes] = [_array_header(len(msg))]
+        for item in msg:
+            if type(item) is list:
+                small.append(_array_header(len(item)))
+                for inner in item:
+                    self._encode_part(inner, parts, small)
+            else:
+                self._encode_part(item, parts, small)
+        if small:
+            parts.append(b"".join(small))
+        return parts
+
+    def _encode_part(self, item: Any, parts: list[bytes | memoryview], small: list[bytes]) -> None:
+        if type(item) in _BYTES_TYPES and _nbytes(item) >= LARGE_BYTES:
+            view = memoryview(item).cast("B")
+            small.append(_bin_header(len(view)))
+            parts.append(b"".join(small))
+            small.clear()
+            parts.append(view)
+        else:
+            small.append(self.encode(item))
 
     def _nested(self, obj: Any) -> bytes:
         data: bytes = msgpack.packb(obj, default=self._default, use_bin_type=True, strict_types=True)

@@ -49,6 +49,7 @@ from typing import Any, Final, Generic, TypeVar, cast
 from . import protocol as P
 from .codec import Codec, PicklePolicy
 from .errors import (
+    AsyncDistError,
     AuthenticationError,
     ConnectError,
     ConnectionClosed,
@@ -77,16 +78,26 @@ log = logging.getLogger("asyncdist.connection")
 Handler = Callable[..., Any]
 _T = TypeVar("_T")
 
-_current: contextvars.ContextVar[Connection] = contextvars.ContextVar("asyncdist_connection")
+# A weak reference, so that a connection and its context do not form a cycle.
+_current: contextvars.ContextVar[weakref.ref[Connection]] = contextvars.ContextVar("asyncdist_connection")
 
 _PLAIN_TYPES: Final = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
 _SMALL_FRAME: Final = 64 * 1024
+_PREAUTH_SCRATCH: Final = 4096
+_SCRATCH: Final = 256 * 1024
+# A producer flushes once this much is buffered, so that the transport can push back.
+_FLUSH_AT: Final = 256 * 1024
+# Pre-auth connections never encode; they share this codec until they open.
+_PREAUTH_CODEC: Final = Codec()
 _pack_header = frame_header
 
 
 def current_connection() -> Connection:
     """Return the connection whose handler is running; raise LookupError outside one."""
-    return _current.get()
+    conn = _current.get()()
+    if conn is None:
+        raise LookupError("the connection of this handler is gone")
+    return conn
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,9 +205,10 @@ class Connection(asyncio.BufferedProtocol):
             max_in_flight=o.max_in_flight,
             max_frame=o.max_frame_size,
         )
-        self._decoder = FrameDecoder(PREAUTH_MAX_FRAME_SIZE)
+        # Small buffers until the peer is authenticated: a flood of silent connections is cheap.
+        self._decoder = FrameDecoder(PREAUTH_MAX_FRAME_SIZE, scratch_size=_PREAUTH_SCRATCH)
         self._decoder.batch = 1
-        self._codec = Codec()
+        self._codec = _PREAUTH_CODEC  # replaced by this connection's own codec once open
         self._transport: asyncio.Transport | None = None
         self._state = _HANDSHAKE
         self._opened: asyncio.Future[None] = self._loop.create_future()
@@ -209,11 +221,9 @@ class Connection(asyncio.BufferedProtocol):
         self.remote_address: Any = None
         self.local_address: Any = None
         self.stats = _Stats()
-        #: Set by a server over its handshake cap: the connection is closed on arrival.
-        self.refuse_on_arrival = False
 
         self._context = contextvars.copy_context()
-        self._context.run(_current.set, self)
+        self._context.run(_current.set, weakref.ref(self))
 
         self._ids = P.CallIds()
         self._pending: dict[int, asyncio.Future[Any]] = {}
@@ -230,7 +240,10 @@ class Connection(asyncio.BufferedProtocol):
         self._peer_cancelled: set[int] = set()
         self._backlog: deque[list[Any]] = deque()
 
-        self._wbuf: list[bytes] = []
+        self._wbuf: list[bytes | memoryview] = []
+        self._wbuf_bytes = 0
+        self._wbuf_large = False
+        self._writelines_scatters = False
         self._flush_pending = False
         self._in_receive = False
         self._write_paused = False
@@ -404,21 +417,35 @@ class Connection(asyncio.BufferedProtocol):
     # -- sending -----------------------------------------------------------------------
 
     def _send(self, msg: list[Any]) -> None:
-        body = self._codec.encode(msg)
-        n = len(body)
-        if n > self._peer_max_frame:
-            raise SerializationError(
-                f"message of {n} bytes is larger than the peer's frame limit ({self._peer_max_frame})"
-            )
-        if n < _SMALL_FRAME:
-            self._wbuf.append(_pack_header(n) + body)
+        parts = self._codec.encode_parts(msg)
+        if parts is None:
+            body = self._codec.encode(msg)
+            n = len(body)
+            self._check_size(n)
+            if n < _SMALL_FRAME:
+                self._wbuf.append(_pack_header(n) + body)
+            else:
+                self._wbuf.append(_pack_header(n))
+                self._wbuf.append(body)
+            self._wbuf_bytes += n
         else:
+            # Large bytes values go out by reference: no copy of them is made here.
+            n = sum(len(p) for p in parts)
+            self._check_size(n)
             self._wbuf.append(_pack_header(n))
-            self._wbuf.append(body)
+            self._wbuf.extend(parts)
+            self._wbuf_bytes += n
+            self._wbuf_large = True
         if not self._flush_pending:
             self._flush_pending = True
             if not self._in_receive:
                 self._loop.call_soon(self._flush)
+
+    def _check_size(self, n: int) -> None:
+        if n > self._peer_max_frame:
+            raise SerializationError(
+                f"message of {n} bytes is larger than the peer's frame limit ({self._peer_max_frame})"
+            )
 
     def _send_raw(self, body: bytes) -> None:
         self._wbuf.append(_pack_header(len(body)) + body)
@@ -430,11 +457,17 @@ class Connection(asyncio.BufferedProtocol):
         if not buf:
             return
         self._wbuf = []
+        self._wbuf_bytes = 0
+        large, self._wbuf_large = self._wbuf_large, False
         transport = self._transport
         if transport is None or transport.is_closing():
             return
         if len(buf) == 1:
             transport.write(buf[0])
+        elif large and not self._writelines_scatters:
+            # This transport's writelines() joins its buffers: write each, so none is copied.
+            for part in buf:
+                transport.write(part)
         else:
             transport.writelines(buf)
 
@@ -488,16 +521,20 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t = cast(asyncio.Transport, transport)
         self._transport = t
-        if self.refuse_on_arrival:
-            self._set_close(ConnectionClosedError("refused: too many connections in the handshake"))
-            t.abort()
-            return
+        # uvloop's writelines() hands every buffer to one writev(); asyncio's (3.11) joins them.
+        self._writelines_scatters = type(t).__module__.startswith("uvloop")
         self.remote_address = transport.get_extra_info("peername")
         self.local_address = transport.get_extra_info("sockname")
         self._timer = self._loop.call_later(self.options.handshake_timeout, self._handshake_expired)
         if not self.is_initiator:
             assert isinstance(self._handshake, P.AcceptorHandshake)
             self._send_raw(self._handshake.hello())
+
+    def tls_failed(self, error: AsyncDistError) -> None:
+        """Internal: the server's TLS handshake for this connection failed (never made)."""
+        _auth_log.warning("TLS handshake from %s failed: %s", self.remote_address, error)
+        self._set_close(ConnectionClosedError("TLS handshake failed"), error)
+        self._finalize()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._decoder.get_buffer()
@@ -525,7 +562,7 @@ class Connection(asyncio.BufferedProtocol):
             if self._flush_pending:
                 self._flush()
 
-    def _receive(self, frames: list[memoryview | bytearray]) -> None:
+    def _receive(self, frames: list[memoryview]) -> None:
         decode = self._codec.decode
         handle = self._on_message
         while frames:
@@ -562,6 +599,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
+            # Its traceback would keep the I/O frames, and their buffers, alive.
+            exc = exc.with_traceback(None)
             if isinstance(exc, _ssl.SSLError):
                 exc = TLSError(f"TLS failure: {exc}")
             self._set_close(ConnectionClosedError(f"connection lost: {exc}"), exc)
@@ -584,7 +623,7 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- handshake ---------------------------------------------------------------------
 
-    def _on_handshake(self, body: memoryview | bytearray) -> None:
+    def _on_handshake(self, body: memoryview) -> None:
         hs = self._handshake
         if isinstance(hs, P.AcceptorHandshake):
             reply, peer = hs.receive_auth(body)
@@ -608,8 +647,11 @@ class Connection(asyncio.BufferedProtocol):
         self.authenticated = peer.authenticated or tls_verified
         self._peer_limit = peer.max_in_flight
         self._peer_max_frame = peer.max_frame
-        self._codec.accept_pickle = self.options.accept_pickle if self.authenticated else "refuse"
-        self._codec.send_pickle = self.authenticated and peer.pickle != "refuse"
+        self._codec = Codec(
+            accept_pickle=self.options.accept_pickle if self.authenticated else "refuse",
+            send_pickle=self.authenticated and peer.pickle != "refuse",
+        )
+        self._decoder.resize_scratch(_SCRATCH)
         self._decoder.max_frame_size = self.options.max_frame_size
         self._decoder.batch = 0
         self._state = _OPEN
@@ -706,6 +748,8 @@ class Connection(asyncio.BufferedProtocol):
         self._timer_cancel()
         self._transport = None
         self._wbuf = []
+        self._wbuf_bytes = 0
+        self._decoder.release()  # a partial frame is discarded, never delivered
         self._fail_open(self._close_cause or self._refusal())
         pending, self._pending = self._pending, {}
         for fut in pending.values():
@@ -841,9 +885,11 @@ class Connection(asyncio.BufferedProtocol):
     def _on_close_message(self, reason: str) -> None:
         self._set_close(ConnectionClosedOK("closed by peer" + (f": {reason}" if reason else "")))
         transport = self._transport
-        if transport is not None:
+        if transport is not None and not transport.is_closing():
             self._flush()
             transport.close()
+            self._timer_cancel()
+            self._timer = self._loop.call_later(self.options.close_timeout, transport.abort)
 
     def _on_cancel(self, call_id: int) -> None:
         task = self._call_tasks.get(call_id)
@@ -1035,8 +1081,10 @@ class Connection(asyncio.BufferedProtocol):
                     await self._send_item(call_id, producer, item)
             else:
                 iterator = iter(source)
-                for item in iterator:
+                for count, item in enumerate(iterator, 1):
                     await self._send_item(call_id, producer, item)
+                    if count % 64 == 0:
+                        await asyncio.sleep(0)  # a plain iterator never yields on its own
             self._send([P.END, call_id])
         except asyncio.CancelledError:
             if call_id not in self._peer_cancelled and self._state == _OPEN:
@@ -1059,10 +1107,12 @@ class Connection(asyncio.BufferedProtocol):
             producer.waiter = self._loop.create_future()
             await producer.waiter
             producer.waiter = None
-        if self._write_paused:
-            await self._drain()
         producer.credit -= 1
         self._send([P.ITEM, call_id, item])
+        if self._wbuf_bytes >= _FLUSH_AT:
+            self._flush()  # lets the transport call pause_writing() now
+        if self._write_paused:
+            await self._drain()
 
 
 _auth_log = logging.getLogger("asyncdist.security")
@@ -1266,6 +1316,14 @@ async def _open_connection(
             try:
                 await asyncio.shield(conn._opened)
             except (ConnectionClosed, OSError) as exc:
+                hs = conn._handshake
+                if ssl is not None and isinstance(hs, P.InitiatorHandshake) and not hs.hello_seen:
+                    # With TLS 1.3 the server checks our certificate after our side of the TLS
+                    # handshake is done, and asyncio closes without sending the alert.
+                    raise TLSError(
+                        f"{where} closed the connection right after the TLS handshake: it probably "
+                        "rejected this client's certificate (or requires one)"
+                    ) from exc
                 raise ConnectError(f"connection to {where} lost during the handshake: {exc}") from exc
     except TimeoutError:
         if conn is not None:

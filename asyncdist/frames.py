@@ -38,8 +38,12 @@ DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
 PREAUTH_MAX_FRAME_SIZE = 1024
 _MAX_REPRESENTABLE = 2**32 - 1
 _DEFAULT_SCRATCH = 256 * 1024
-# get_buffer() compacts the scratch buffer when less than this is free at its end.
+# Reusing the buffer of large bodies spares a fresh allocation, and its page faults, per frame.
+_DEFAULT_RETAIN = 16 * 1024 * 1024
+# get_buffer() compacts the scratch buffer when less than this is free at its end
+# (a quarter of the buffer for small ones).
 _MIN_FREE = 16 * 1024
+_MIN_SCRATCH = 2048
 
 _header = struct.Struct(">I")
 _unpack_header = _header.unpack_from
@@ -66,9 +70,10 @@ class FrameDecoder:
       ``bytes``;
     * :meth:`get_buffer` returns a writable view to receive into, and
       :meth:`buffer_updated` reports how many bytes were written there and
-      returns the completed bodies. Bodies from this path are memoryviews or
-      bytearrays that stay valid only until the next call into the decoder,
-      so decode them at once.
+      returns the completed bodies. Bodies from this path are memoryviews
+      that stay valid only until the next call into the decoder,
+      so decode them at once. The buffer of a large body is reused for the
+      next one (up to ``retain_size`` bytes).
 
     Both raise :class:`ProtocolError` for a zero-length frame or one above
     ``max_frame_size``; after that the decoder is unusable and the
@@ -80,6 +85,7 @@ class FrameDecoder:
     """
 
     __slots__ = (
+        "_big",
         "_body",
         "_body_filled",
         "_deferred",
@@ -90,15 +96,20 @@ class FrameDecoder:
         "_view",
         "batch",
         "max_frame_size",
+        "retain_size",
     )
 
     def __init__(
-        self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, *, scratch_size: int = _DEFAULT_SCRATCH
+        self,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        *,
+        scratch_size: int = _DEFAULT_SCRATCH,
+        retain_size: int = _DEFAULT_RETAIN,
     ) -> None:
         if not 0 < max_frame_size <= _MAX_REPRESENTABLE:
             raise ValueError(f"max_frame_size must be in 1..2**32-1, not {max_frame_size}")
-        if scratch_size < 2 * _MIN_FREE:
-            raise ValueError(f"scratch_size must be at least {2 * _MIN_FREE}")
+        if scratch_size < _MIN_SCRATCH:
+            raise ValueError(f"scratch_size must be at least {_MIN_SCRATCH}")
         #: Largest body accepted; may be raised or lowered between frames.
         self.max_frame_size = max_frame_size
         #: Most frames returned per call (0: no limit). With 1, the caller can
@@ -108,8 +119,11 @@ class FrameDecoder:
         self._view = memoryview(self._scratch)
         self._start = 0  # first unparsed byte in scratch
         self._end = 0  # one past the last received byte in scratch
-        self._body: bytearray | None = None  # a large body being received in place
+        self._body: memoryview | None = None  # a large body being received in place
         self._body_filled = 0
+        #: Large-body buffers up to this size are kept for the next large frame.
+        self.retain_size = retain_size
+        self._big: bytearray | None = None  # the kept buffer
         self._failed = False
         # An error found after complete frames in the same chunk: raised on the next call,
         # so those frames are still delivered (whole or byte by byte, the same result).
@@ -139,6 +153,32 @@ class FrameDecoder:
         if self.in_frame:
             raise ProtocolError(f"connection ended inside a frame ({self.buffered} bytes pending)")
 
+    def resize_scratch(self, size: int) -> None:
+        """Replace the scratch buffer by one of ``size`` bytes, keeping unparsed bytes.
+
+        Views handed out before stay valid (they keep the old buffer alive).
+        A connection starts small before authentication and grows after it.
+        """
+        if size < _MIN_SCRATCH:
+            raise ValueError(f"scratch_size must be at least {_MIN_SCRATCH}")
+        pending = self._view[self._start : self._end]
+        if len(pending) > size - HEADER_SIZE:
+            raise ValueError("the unparsed bytes do not fit a scratch buffer of that size")
+        scratch = bytearray(size)
+        scratch[: len(pending)] = pending
+        self._scratch = scratch
+        self._view = memoryview(scratch)
+        self._start, self._end = 0, len(pending)
+
+    def release(self) -> None:
+        """Drop every buffer (the stream is over): a partial frame is discarded."""
+        self._body = None
+        self._body_filled = 0
+        self._big = None
+        self._scratch = bytearray(_MIN_SCRATCH)
+        self._view = memoryview(self._scratch)
+        self._start = self._end = 0
+
     # -- buffered path -----------------------------------------------------------------
 
     def get_buffer(self) -> memoryview:
@@ -148,16 +188,16 @@ class FrameDecoder:
             raise ProtocolError("frame decoder used after a protocol error")
         body = self._body
         if body is not None:
-            return memoryview(body)[self._body_filled :]
+            return body[self._body_filled :]
         free = len(self._scratch) - self._end
-        if free < _MIN_FREE:
+        if free < _MIN_FREE and free < len(self._scratch) // 4:
             start, end = self._start, self._end
             if start:
                 self._scratch[: end - start] = self._view[start:end]
                 self._start, self._end = 0, end - start
         return self._view[self._end :]
 
-    def buffer_updated(self, nbytes: int) -> list[memoryview | bytearray]:
+    def buffer_updated(self, nbytes: int) -> list[memoryview]:
         """Account for ``nbytes`` written into the last :meth:`get_buffer` view."""
         self.check()
         body = self._body
@@ -171,15 +211,15 @@ class FrameDecoder:
         self._end += nbytes
         return self._parse()
 
-    def more(self) -> list[memoryview | bytearray]:
+    def more(self) -> list[memoryview]:
         """Return frames already buffered but held back by :attr:`batch`."""
         self.check()
         if self._body is not None or self._failed:
             return []
         return self._parse()
 
-    def _parse(self) -> list[memoryview | bytearray]:
-        frames: list[memoryview | bytearray] = []
+    def _parse(self) -> list[memoryview]:
+        frames: list[memoryview] = []
         batch = self.batch
         view = self._view
         start, end = self._start, self._end
@@ -207,7 +247,11 @@ class FrameDecoder:
                     break
             elif length > capacity:
                 # Too big for the scratch buffer: receive the rest in place.
-                body = bytearray(length)
+                big = self._big
+                if big is None or len(big) < length:
+                    big = bytearray(length)
+                self._big = big if len(big) <= self.retain_size else None
+                body = memoryview(big)[:length]
                 body[:available] = view[start + HEADER_SIZE : end]
                 self._body = body
                 self._body_filled = available

@@ -141,8 +141,10 @@ def validate(msg: Any) -> list[Any]:
     if type(msg) is not list or not msg:
         raise ProtocolError("a message must be a non-empty array")
     kind = msg[0]
+    if type(kind) is not int:
+        raise ProtocolError("a message kind must be an integer")
     n = len(msg)
-    if kind == CALL and type(kind) is int:
+    if kind == CALL:
         if n < 4 or not _is_id(msg[1]):
             raise ProtocolError("CALL needs an id, a name and args")
         if n > 6:
@@ -186,8 +188,6 @@ def validate(msg: Any) -> list[Any]:
         if n != 2 or type(msg[1]) is not str or len(msg[1]) > MAX_REASON:
             raise ProtocolError("CLOSE must be [kind, reason]")
         return msg
-    if type(kind) is not int:
-        raise ProtocolError("a message kind must be an integer")
     raise ProtocolError(f"unknown message kind {kind}")
 
 

@@ -112,9 +112,9 @@ def resolve_secret(
 
 
 def is_loopback(host: str | None) -> bool:
-    """True if ``host`` names only loopback addresses (or is a Unix socket path: None)."""
+    """True if ``host`` names only loopback addresses (None, "all interfaces", is not)."""
     if host is None:
-        return True
+        return False
     if host in ("localhost", "localhost.localdomain", "ip6-localhost"):
         return True
     try:

@@ -1,29 +1,35 @@
 """serve(): accept authenticated connections over TCP or a Unix socket.
 
 Each accepted connection is a :class:`~asyncdist.connection.Connection`
-that speaks first (HELLO) and must finish the handshake within
-``handshake_timeout``. At most ``max_unauthenticated`` connections may be in
-the handshake at once; more are closed on arrival, so a flood of silent
-connections costs bounded memory and file descriptors and never touches
-sessions that are already open. A connection that breaks the protocol is
-closed alone; the server keeps serving everyone else.
+that speaks first (HELLO) and must finish the handshake (TLS included)
+within ``handshake_timeout``. At most ``max_unauthenticated`` connections
+may be in the handshake at once; more are closed on arrival, before any
+buffer is allocated for them, so a flood of silent connections costs bounded
+memory and file descriptors and never touches sessions that are already
+open. A connection that breaks the protocol, or fails its TLS handshake, is
+closed and counted alone; the server keeps serving everyone else.
+
+The server accepts on its own sockets and attaches each one with
+:meth:`asyncio.loop.connect_accepted_socket`, which reports a failed TLS
+handshake to the server (``create_server`` would drop it silently).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
 import socket
 import ssl as _ssl
 import stat
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .connection import Connection, Handler, Options, _AwaitableContext
-from .errors import ProtocolError
+from .errors import AsyncDistError, ConnectionClosedError, ProtocolError, TLSError
 from .security import check_bind, resolve_secret
 
 __all__ = ["Server", "ServerStats", "serve"]
@@ -58,16 +64,20 @@ class Server:
         options: Options,
         on_connect: OnConnect | None,
         max_unauthenticated: int,
+        tls: _ssl.SSLContext | None = None,
     ) -> None:
         self._handlers = handlers
+        self._tls = tls
         self._secret = secret
         self.options = options
         self._on_connect = on_connect
         self._max_unauth = max_unauthenticated
-        self._server: asyncio.Server | None = None
+        self._listeners: list[socket.socket] = []
         self._handshaking: set[Connection] = set()
         self._open: set[Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._accepting: set[asyncio.Task[Any]] = set()
+        self._attaching = 0
         self._path: str | None = None
         self._address: tuple[str, int] | None = None
         self._closing = False
@@ -100,15 +110,17 @@ class Server:
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
         """The listening sockets."""
-        return tuple(self._server.sockets) if self._server is not None else ()
+        return tuple(self._listeners)
 
     def close(self) -> None:
         """Stop listening and start closing every connection gracefully. Idempotent."""
         if self._closing:
             return
         self._closing = True
-        if self._server is not None:
-            self._server.close()
+        for task in list(self._accepting):
+            task.cancel()  # accept loops, and TLS handshakes still in progress
+        for sock in self._listeners:
+            sock.close()
         for conn in list(self._handshaking):
             conn.abort()
         for conn in list(self._open):
@@ -140,19 +152,20 @@ class Server:
         await self.aclose()
 
     def __repr__(self) -> str:
-        where = self.address if self._server is not None else "?"
+        where = self.address if self._listeners else "?"
         return f"<Server {where} open={len(self._open)}>"
 
     # -- internals ---------------------------------------------------------------------
 
-    def _track(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
+    def _track(self, coro: Coroutine[Any, Any, Any], *, accepting: bool = False) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if accepting:
+            self._accepting.add(task)
+            task.add_done_callback(self._accepting.discard)
 
     async def _finish_close(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._server is not None:
-            await self._server.wait_closed()
         conns = list(self._open) + list(self._handshaking)
         for conn in conns:
             await conn.wait_closed()
@@ -168,31 +181,85 @@ class Server:
         if not self._closed.done():
             self._closed.set_result(None)
 
-    def _make_connection(self) -> Connection:
-        self.stats.accepted += 1
-        handlers = self._handlers if isinstance(self._handlers, Mapping) else None
-        conn = Connection(
-            initiator=False,
-            secret=self._secret,
-            handlers=handlers,
-            options=self.options,
-            on_open=self._opened,
-            on_lost=self._lost,
-        )
-        if self._closing or len(self._handshaking) >= self._max_unauth:
-            self.stats.refused_unauthenticated += 1
-            if self.stats.refused_unauthenticated in (1, 10, 100, 1000) or (
-                self.stats.refused_unauthenticated % 10000 == 0
-            ):
-                log.warning(
-                    "refusing connections: %d are already in the handshake (refused so far: %d)",
-                    len(self._handshaking),
-                    self.stats.refused_unauthenticated,
-                )
-            conn.refuse_on_arrival = True
-        else:
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                if self._closing:
+                    return
+                # E.g. out of file descriptors: back off instead of spinning.
+                log.warning("accept() failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            self.stats.accepted += 1
+            if self._closing or len(self._handshaking) + self._attaching >= self._max_unauth:
+                self._refuse(client)
+                continue
+            self._attaching += 1  # counts against the cap until its Connection exists
+            self._track(self._attach(client), accepting=True)
+
+    def _refuse(self, client: socket.socket) -> None:
+        client.close()
+        self.stats.refused_unauthenticated += 1
+        refused = self.stats.refused_unauthenticated
+        if refused in (1, 10, 100, 1000) or refused % 10000 == 0:
+            log.warning(
+                "refusing connections: %d are already in the handshake (refused so far: %d)",
+                len(self._handshaking),
+                refused,
+            )
+
+    async def _attach(self, client: socket.socket) -> None:
+        conn: Connection | None = None
+        attaching = True
+
+        def factory() -> Connection:
+            nonlocal conn, attaching
+            attaching = False
+            self._attaching -= 1
+            handlers = self._handlers if isinstance(self._handlers, Mapping) else None
+            conn = Connection(
+                initiator=False,
+                secret=self._secret,
+                handlers=handlers,
+                options=self.options,
+                on_open=self._opened,
+                on_lost=self._lost,
+            )
             self._handshaking.add(conn)
-        return conn
+            return conn
+
+        loop = asyncio.get_running_loop()
+        timeout = self.options.handshake_timeout
+        try:
+            await loop.connect_accepted_socket(
+                factory,
+                client,
+                ssl=self._tls,
+                ssl_handshake_timeout=timeout if self._tls is not None else None,
+            )
+        except BaseException as exc:
+            client.close()
+            if attaching:
+                self._attaching -= 1
+            if conn is None:
+                if not isinstance(exc, asyncio.CancelledError):
+                    log.warning("could not attach an accepted connection: %s", exc)
+                return
+            error: AsyncDistError
+            if isinstance(exc, asyncio.CancelledError):
+                error = ConnectionClosedError("the server closed during the TLS handshake")
+            elif isinstance(exc, _ssl.SSLError):
+                error = TLSError(f"TLS handshake failed: {exc.reason or exc}")
+            elif isinstance(exc, TimeoutError):
+                error = ProtocolError(f"no TLS handshake within {timeout:g} s (is the client using TLS?)")
+            else:
+                error = ConnectionClosedError(f"connection lost during the TLS handshake: {exc!r}")
+            conn.tls_failed(error)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
 
     def _opened(self, conn: Connection) -> None:
         self._handshaking.discard(conn)
@@ -213,8 +280,6 @@ class Server:
             conn.abort()
 
     def _lost(self, conn: Connection) -> None:
-        if conn.refuse_on_arrival:
-            return
         if conn in self._handshaking:
             self._handshaking.discard(conn)
             self.stats.handshake_failures += 1
@@ -227,41 +292,73 @@ class Server:
             self.stats.protocol_errors += 1
 
 
+async def _bind_tcp(
+    host: str | None, port: int, backlog: int, reuse_port: bool | None
+) -> list[socket.socket]:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    socks: list[socket.socket] = []
+    seen: set[Any] = set()
+    try:
+        for family, type_, proto, _, address in infos:
+            if address in seen:
+                continue
+            seen.add(address)
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(socks) > 1:  # every address on the port the first one got
+                address = (address[0], socks[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _bind_unix(path: str, backlog: int) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)  # a stale socket file from an earlier run
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket file is created 0600
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    return sock
+
+
 async def _start(
     server: Server,
     host: str | None,
     port: int | None,
     path: str | None,
-    ssl: _ssl.SSLContext | None,
     backlog: int,
     reuse_port: bool | None,
 ) -> Server:
-    loop = asyncio.get_running_loop()
-    hs_timeout = server.options.handshake_timeout if ssl is not None else None
     if path is not None:
-        old = os.umask(0o177)  # the socket file is created 0600
-        try:
-            server._server = await loop.create_unix_server(
-                server._make_connection,
-                path,
-                ssl=ssl,
-                backlog=backlog,
-                ssl_handshake_timeout=hs_timeout,
-            )
-        finally:
-            os.umask(old)
+        server._listeners = [_bind_unix(path, backlog)]
         server._path = path
     else:
-        server._server = await loop.create_server(
-            server._make_connection,
-            host,
-            port or 0,
-            ssl=ssl,
-            backlog=backlog,
-            reuse_port=reuse_port,
-            ssl_handshake_timeout=hs_timeout,
-        )
-        server._address = tuple(server._server.sockets[0].getsockname()[:2])
+        server._listeners = await _bind_tcp(host, port or 0, backlog, reuse_port)
+        server._address = server._listeners[0].getsockname()[:2]
+    for sock in server._listeners:
+        server._track(server._accept_loop(sock), accepting=True)
     return server
 
 
@@ -308,13 +405,13 @@ def serve(
             options=opts,
             on_connect=on_connect,
             max_unauthenticated=max_unauthenticated,
+            tls=ssl,
         )
         return await _start(
             server,
             host,
             port,
             os.fspath(path) if path is not None else None,
-            ssl,
             backlog,
             reuse_port,
         )

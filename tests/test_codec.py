@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import enum
-import os
 import sys
 import threading
 import time
@@ -268,7 +267,14 @@ def test_os_error_keeps_its_subclass() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["os.system", "subprocess.Popen", "builtins.object", "builtins.print", "builtins.SystemExit", "nosuch.Mod"],
+    [
+        "os.system",
+        "subprocess.Popen",
+        "builtins.object",
+        "builtins.print",
+        "builtins.SystemExit",
+        "nosuch.Mod",
+    ],
 )
 def test_dangerous_or_unknown_exception_names_become_remote_error(name: str) -> None:
     modules = set(sys.modules)
@@ -327,4 +333,3 @@ def test_exception_tree_is_drawn_in_errors_docstring() -> None:
         if isinstance(obj, type):
             assert name in doc, name
             assert issubclass(obj, asyncdist.AsyncDistError)
-
