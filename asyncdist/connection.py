@@ -243,7 +243,6 @@ class Connection(asyncio.BufferedProtocol):
         self._wbuf: list[bytes | memoryview] = []
         self._wbuf_bytes = 0
         self._wbuf_large = False
-        self._writelines_scatters = False
         self._flush_pending = False
         self._in_receive = False
         self._write_paused = False
@@ -464,8 +463,9 @@ class Connection(asyncio.BufferedProtocol):
             return
         if len(buf) == 1:
             transport.write(buf[0])
-        elif large and not self._writelines_scatters:
-            # This transport's writelines() joins its buffers: write each, so none is copied.
+        elif large:
+            # Both loops' writelines() copy their buffers together (measured): write each
+            # part, so a large payload goes to the socket straight from the caller's object.
             for part in buf:
                 transport.write(part)
         else:
@@ -521,8 +521,6 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t = cast(asyncio.Transport, transport)
         self._transport = t
-        # uvloop's writelines() hands every buffer to one writev(); asyncio's (3.11) joins them.
-        self._writelines_scatters = type(t).__module__.startswith("uvloop")
         self.remote_address = transport.get_extra_info("peername")
         self.local_address = transport.get_extra_info("sockname")
         self._timer = self._loop.call_later(self.options.handshake_timeout, self._handshake_expired)
