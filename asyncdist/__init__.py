@@ -1,6 +1,8 @@
 """asyncdist: asyncio-native distributed computing on one authenticated transport.
 
-The names below are the public API; see ``shared/DESIGN.md`` and the README.
+The names below are the public API; see the README. ``asyncdist.map`` and
+friends are the distributed futures of :mod:`asyncdist.futures` (they shadow
+the builtin ``map`` only inside this namespace).
 """
 
 from ._version import __version__
@@ -9,25 +11,47 @@ from .connection import Connection, Options, Stream, connect, current_connection
 from .errors import (
     AsyncDistError,
     AuthenticationError,
+    BrokerLost,
     CommunicationError,
     ConfigurationError,
     ConnectError,
     ConnectionClosed,
     ConnectionClosedError,
     ConnectionClosedOK,
+    NoWorkersError,
     ProtocolError,
     RemoteError,
     SerializationError,
     TLSError,
     UnknownMethodError,
+    WorkerLost,
     register_error,
+)
+from .futures import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    FIRST_EXCEPTION,
+    Pool,
+    TaskFuture,
+    as_completed,
+    map,
+    map_as_completed,
+    map_reduce,
+    map_scan,
+    shared,
+    submit,
+    wait,
 )
 from .loop import run
 from .server import Server, serve
 
 __all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "AsyncDistError",
     "AuthenticationError",
+    "BrokerLost",
     "CommunicationError",
     "ConfigurationError",
     "ConnectError",
@@ -35,21 +59,33 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionClosedError",
     "ConnectionClosedOK",
+    "NoWorkersError",
     "ObjectRef",
     "Options",
+    "Pool",
     "ProtocolError",
     "RemoteError",
     "SerializationError",
     "Server",
     "Stream",
     "TLSError",
+    "TaskFuture",
     "UnknownMethodError",
+    "WorkerLost",
     "__version__",
+    "as_completed",
     "connect",
     "current_connection",
+    "map",
+    "map_as_completed",
+    "map_reduce",
+    "map_scan",
     "parse_address",
     "register_error",
     "register_type",
     "run",
     "serve",
+    "shared",
+    "submit",
+    "wait",
 ]

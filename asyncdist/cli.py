@@ -5,8 +5,14 @@
     asyncdist --version
     asyncdist certs DIR [--hostname NAME ...] [--days N] [--force]
     asyncdist secret [--file PATH]
+    asyncdist broker [--host 127.0.0.1] [--port 5555] [--secret-file F] [--insecure] [TLS]
+    asyncdist worker --broker HOST:PORT [--slots N] [--secret-file F | --secret-stdin] [TLS]
+    asyncdist run [-n N] script.py [args...]        (also: python -m asyncdist [-n N] script.py)
+    asyncdist-worker ...                            (the same as asyncdist worker ...)
 
-``python -m asyncdist`` runs the same command line.
+TLS options: ``--tls-ca FILE --tls-cert FILE --tls-key FILE`` (mutual TLS;
+``asyncdist certs`` makes the files). ``python -m asyncdist`` runs the same
+command line; when its first argument is not a command it is the launcher.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ._version import __version__
-from .errors import AsyncDistError
+from .errors import AsyncDistError, ConfigurationError
 
 __all__ = ["main", "worker_main"]
 
@@ -49,6 +56,129 @@ def _cmd_secret(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_security(p: argparse.ArgumentParser, *, server: bool) -> None:
+    g = p.add_argument_group("security")
+    g.add_argument("--secret-file", help="read the shared secret from this file (else ASYNCDIST_SECRET)")
+    if not server:
+        g.add_argument(
+            "--secret-stdin", action="store_true", help="read the shared secret from the first line of stdin"
+        )
+    g.add_argument("--tls-ca", help="CA certificate (PEM) that signs the peers' certificates")
+    g.add_argument("--tls-cert", help="this side's certificate (PEM)")
+    g.add_argument("--tls-key", help="this side's private key (PEM)")
+    if server:
+        g.add_argument(
+            "--insecure",
+            action="store_true",
+            help="allow a non-loopback address without a secret or TLS (trusted networks only)",
+        )
+
+
+def _ssl_context(args: argparse.Namespace, *, server: bool) -> Any:
+    from .security import client_context, server_context
+
+    if not (args.tls_ca or args.tls_cert):
+        return None
+    if server:
+        if not args.tls_cert:
+            raise ConfigurationError("--tls-cert is needed to serve TLS")
+        return server_context(args.tls_cert, args.tls_key, cafile=args.tls_ca)
+    if not args.tls_ca:
+        raise ConfigurationError("--tls-ca is needed to verify the server")
+    return client_context(args.tls_ca, args.tls_cert, args.tls_key, check_hostname=False)
+
+
+def _read_secret_line() -> bytes:
+    """The first line of stdin, read byte by byte (nothing after it is consumed)."""
+    data = bytearray()
+    while True:
+        ch = os.read(0, 1)
+        if not ch or ch == b"\n":
+            break
+        data += ch
+    if not data.strip():
+        raise ConfigurationError("--secret-stdin: no secret on stdin")
+    return bytes(data.strip())
+
+
+def _cmd_broker(args: argparse.Namespace) -> int:
+    from .futures import serve_broker
+    from .loop import run
+
+    async def main() -> None:
+        _, server = await serve_broker(
+            args.host,
+            args.port,
+            secret_file=args.secret_file,
+            ssl=_ssl_context(args, server=True),
+            insecure=args.insecure,
+            allowed_failures=args.allowed_failures,
+            no_workers_timeout=args.no_workers_timeout,
+        )
+        print(f"asyncdist broker listening on {args.host}:{server.port}", flush=True)
+        await _serve_until_signal(server)
+
+    run(main())
+    return 0
+
+
+async def _serve_until_signal(server: Any) -> None:
+    import asyncio
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.aclose()
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from .futures import run_worker
+    from .futures._worker import import_main
+    from .loop import run
+
+    secret = _read_secret_line() if args.secret_stdin else None
+    if args.main:
+        import_main(args.main)
+    ssl = _ssl_context(args, server=False)
+    return run(
+        run_worker(
+            args.broker,
+            slots=args.slots,
+            secret=secret,
+            secret_file=args.secret_file,
+            ssl=ssl,
+            watch_stdin=args.watch_stdin,
+            name=args.name,
+        )
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .futures._launch import launch
+
+    workers = args.workers if args.workers is not None else _cpu_count()
+    return launch(args.script, args.args, workers=workers, slots=args.slots)
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--workers", type=int, help="number of local workers (default: the CPU count)")
+    p.add_argument("--slots", type=int, default=1, help="threads per worker for plain functions (default 1)")
+    p.add_argument("script", help="the Python script to run as the root program")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``asyncdist`` command."""
     parser = argparse.ArgumentParser(
@@ -72,13 +202,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("secret", help="print (or write to a 0600 file) a new random shared secret")
     p.add_argument("--file", help="write the secret to this new file instead of printing it")
     p.set_defaults(func=_cmd_secret)
+
+    p = sub.add_parser("broker", help="run a futures broker (workers and clients connect to it)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5555, help="port to listen on (default 5555; 0: any)")
+    p.add_argument("--allowed-failures", type=int, default=3, help="worker deaths a task survives")
+    p.add_argument("--no-workers-timeout", type=float, help="fail queued tasks after S s without workers")
+    _add_security(p, server=True)
+    p.set_defaults(func=_cmd_broker)
+
+    p = sub.add_parser("worker", help="run a futures worker connected to a broker")
+    p.add_argument("--broker", required=True, help="HOST:PORT of the broker")
+    p.add_argument("--slots", type=int, default=1, help="threads for plain functions (default 1)")
+    p.add_argument("--name", help="a name for this worker (default host:pid)")
+    p.add_argument("--watch-stdin", action="store_true", help="exit when stdin reaches EOF")
+    p.add_argument("--main", help="import this script first, as the launcher's workers do")
+    _add_security(p, server=False)
+    p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("run", help="run a script on a local cluster (like python -m asyncdist)")
+    _add_run_arguments(p)
+    p.set_defaults(func=_cmd_run)
+    return parser
+
+
+def launcher_parser() -> argparse.ArgumentParser:
+    """``python -m asyncdist [-n N] script.py args...``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m asyncdist",
+        description="Run a script on a local asyncdist cluster: a broker and N workers.",
+    )
+    _add_run_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if _is_launch(argv, parser):
+        args = launcher_parser().parse_args(argv)
+        args.func = _cmd_run
+    else:
+        args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -89,6 +255,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _is_launch(argv: list[str], parser: argparse.ArgumentParser) -> bool:
+    """True when the arguments name a script rather than a command (``-n 4 script.py``)."""
+    commands: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            commands.update(action.choices)
+    for arg in argv:
+        if arg in ("-h", "--help", "--version"):
+            return False
+        if arg.startswith("-"):
+            continue
+        return arg not in commands
+    return False
 
 
 def worker_main(argv: Sequence[str] | None = None) -> int:

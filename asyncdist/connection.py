@@ -342,6 +342,16 @@ class Connection(asyncio.BufferedProtocol):
             raise self._refusal()
         if self._write_paused:
             await self._drain()
+        self.notify_nowait(name, *args, **kwargs)
+
+    def notify_nowait(self, name: str, /, *args: Any, **kwargs: Any) -> None:
+        """Like :meth:`notify`, without waiting for room in the write buffer.
+
+        For callers that bound what they send by other means (the message is
+        queued even while the transport pushes back).
+        """
+        if self._state != _OPEN:
+            raise self._refusal()
         if kwargs:
             self._send([P.NOTIFY, name, list(args), kwargs])
         else:

@@ -8,6 +8,7 @@
     │   └── ConnectionClosed          an established connection ended; its pending calls fail with it
     │       ├── ConnectionClosedOK    ... cleanly: close() here, or a CLOSE from the peer
     │       └── ConnectionClosedError ... abnormally: reset, EOF, heartbeat timeout, protocol error
+    │           └── BrokerLost        the futures broker went away; its pending tasks fail with it
     ├── ProtocolError                 the peer broke the wire protocol (malformed, oversized, out of order)
     ├── AuthenticationError           the handshake failed: wrong or missing secret, bad proof
     │   └── TLSError                  the TLS handshake or certificate verification failed
@@ -15,7 +16,9 @@
     │                                 (also a builtin TypeError)
     ├── RemoteError                   remote code raised an exception whose type is not rebuilt here
     ├── UnknownMethodError            the peer has no handler of that name (also AttributeError)
-    └── ConfigurationError            a setting is unsafe or invalid (also a builtin ValueError)
+    ├── ConfigurationError            a setting is unsafe or invalid (also a builtin ValueError)
+    ├── WorkerLost                    a task's worker died too many times (futures)
+    └── NoWorkersError                no worker joined within no_workers_timeout (futures)
 
 Timeouts are the builtin :class:`TimeoutError`, as raised by :func:`asyncio.timeout`.
 
@@ -37,17 +40,20 @@ from typing import Any, TypeVar
 __all__ = [
     "AsyncDistError",
     "AuthenticationError",
+    "BrokerLost",
     "CommunicationError",
     "ConfigurationError",
     "ConnectError",
     "ConnectionClosed",
     "ConnectionClosedError",
     "ConnectionClosedOK",
+    "NoWorkersError",
     "ProtocolError",
     "RemoteError",
     "SerializationError",
     "TLSError",
     "UnknownMethodError",
+    "WorkerLost",
     "register_error",
     "rebuild_exception",
     "exception_type_name",
@@ -100,6 +106,29 @@ class UnknownMethodError(AsyncDistError, AttributeError):
 
 class ConfigurationError(AsyncDistError, ValueError):
     """A setting is invalid or unsafe, e.g. a public bind address without a secret or TLS."""
+
+
+class BrokerLost(ConnectionClosedError):
+    """The connection to the futures broker was lost; tasks pending on it fail with this."""
+
+
+class WorkerLost(AsyncDistError):
+    """A task was running on workers that died, more times than ``allowed_failures`` allows.
+
+    The message names the task and the last worker; ``attempts`` is how many
+    workers it was started on.
+    """
+
+    def __init__(self, message: str, attempts: int = 0) -> None:
+        super().__init__(message, attempts)
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class NoWorkersError(AsyncDistError):
+    """Tasks were queued and no worker was connected for ``no_workers_timeout`` seconds."""
 
 
 class RemoteError(AsyncDistError):
@@ -204,5 +233,8 @@ for _cls in (
     UnknownMethodError,
     ConfigurationError,
     RemoteError,
+    BrokerLost,
+    WorkerLost,
+    NoWorkersError,
 ):
     register_error(_cls)

@@ -1,0 +1,533 @@
+"""The broker: a queue of tasks, workers that pull them, clients that submit them.
+
+Messages (all one-way NOTIFYs unless marked CALL), on the core Connection:
+
+===================  ===================  ================================================
+from -> to           name                 arguments
+===================  ===================  ================================================
+worker -> broker     worker_hello (CALL)  ``{slots, pid, host, name}`` -> ``{wid, consts}``
+worker -> broker     want                 ``n``: the worker takes n more tasks (credit)
+broker -> worker     run                  ``[[key, attempt, fid, blob], ...], {fid: blob}``
+worker -> broker     done                 ``[[key, attempt, status, blob], ...]``
+broker -> worker     cancel               ``[key, ...]``
+broker -> worker     consts               ``{name: blob}``
+worker -> broker     leaving              (graceful exit: its tasks go back to the queue)
+client -> broker     client_hello (CALL)  -> ``{cid}``
+client -> broker     submit               ``[[tid, fid, blob], ...], {fid: blob}``
+client -> broker     cancel               ``[tid, ...]``
+broker -> client     results              ``[[tid, status, blob], ...]``; status 0 value, 1 error
+client -> broker     set_const (CALL)     ``name, blob``; a second, different value raises
+client -> broker     get_consts (CALL)    -> ``{name: blob}``
+client -> broker     status (CALL)        -> counters, workers and queue depth
+===================  ===================  ================================================
+
+Load balancing is pull-based: each worker asks for as many tasks as it can
+start soon (few for long tasks, hundreds for tiny ones), and the broker
+spreads the queue over the workers that asked, many tasks to a frame when
+the queue is deep. Results travel back to each client in one frame per loop
+iteration. The broker never decodes arguments or results (blobs).
+
+Faults: a worker whose connection ends (crash, kill, heartbeat timeout) has
+its running tasks put back at the head of the queue; a task whose workers
+died more than ``allowed_failures`` times fails with
+:class:`~asyncdist.errors.WorkerLost`. A worker that says ``leaving`` first
+gives its tasks back without counting a failure. Late results of an attempt
+that was reassigned are dropped, so each result is delivered once. A client
+that disconnects has its queued and running tasks cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ..codec import Codec
+from ..connection import Connection
+from ..errors import ConnectionClosed, NoWorkersError, ProtocolError, WorkerLost
+
+__all__ = ["Broker"]
+
+log = logging.getLogger("asyncdist.futures.broker")
+
+STATUS_OK = 0
+STATUS_ERROR = 1
+_MAX_CREDIT = 100_000
+_MAX_NAME = 200
+
+Deliver = Callable[[list[list[Any]]], None]
+
+
+class _Task:
+    __slots__ = ("attempt", "blob", "cancelled", "client", "deaths", "fid", "key", "tid", "worker")
+
+    def __init__(self, key: int, client: _Client, tid: int, fid: str, blob: bytes) -> None:
+        self.key = key
+        self.client = client
+        self.tid = tid
+        self.fid = fid
+        self.blob = blob
+        self.attempt = 0
+        self.deaths = 0
+        self.worker: _Worker | None = None
+        self.cancelled = False
+
+
+class _Worker:
+    def __init__(self, wid: int, conn: Connection, slots: int, pid: int, host: str, name: str) -> None:
+        self.wid = wid
+        self.conn = conn
+        self.slots = slots
+        self.pid = pid
+        self.host = host
+        self.name = name
+        self.credit = 0
+        self.running: dict[int, _Task] = {}
+        self.fids: set[str] = set()
+        self.leaving = False
+        self.completed = 0
+        self.joined = time.time()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "wid": self.wid,
+            "name": self.name,
+            "host": self.host,
+            "pid": self.pid,
+            "slots": self.slots,
+            "running": len(self.running),
+            "credit": self.credit,
+            "completed": self.completed,
+            "joined": self.joined,
+        }
+
+
+class _Client:
+    def __init__(self, cid: int, deliver: Deliver) -> None:
+        self.cid = cid
+        self.deliver = deliver
+        self.tasks: dict[int, _Task] = {}
+        self.outbox: list[list[Any]] = []
+        self.closed = False
+
+
+class Broker:
+    """The task queue and scheduler; serve it with :func:`asyncdist.futures.serve_broker`.
+
+    ``allowed_failures``: how many worker deaths a task survives before it
+    fails with :class:`~asyncdist.errors.WorkerLost` (default 3).
+    ``no_workers_timeout``: seconds tasks may wait while no worker is
+    connected before they fail with :class:`~asyncdist.errors.NoWorkersError`
+    (default None: wait for a worker, or the caller's own timeout).
+    """
+
+    def __init__(self, *, allowed_failures: int = 3, no_workers_timeout: float | None = None) -> None:
+        if allowed_failures < 0:
+            raise ValueError("allowed_failures must be >= 0")
+        self.allowed_failures = allowed_failures
+        self.no_workers_timeout = no_workers_timeout
+        self._loop = asyncio.get_running_loop()
+        self._queue: deque[_Task] = deque()
+        self._tasks: dict[int, _Task] = {}
+        self._workers: dict[int, _Worker] = {}
+        self._clients: dict[int, _Client] = {}
+        self._functions: dict[str, bytes] = {}
+        self._consts: dict[str, bytes] = {}
+        self._keys = itertools.count(1)
+        self._wids = itertools.count(1)
+        self._cids = itertools.count(1)
+        self._dispatch_pending = False
+        self._flush_pending = False
+        self._membership = asyncio.Event()
+        self._no_workers_timer: asyncio.TimerHandle | None = None
+        self._errors = Codec()
+        self.started = time.time()
+        #: Counters since the broker started.
+        self.stats = {
+            "submitted": 0,
+            "completed": 0,
+            "failed": 0,
+            "cancelled": 0,
+            "requeued": 0,
+            "stale_results": 0,
+            "workers_joined": 0,
+            "workers_lost": 0,
+        }
+
+    # -- introspection -----------------------------------------------------------------
+
+    @property
+    def worker_count(self) -> int:
+        """Workers connected now."""
+        return len(self._workers)
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot: counters, queue depth, running tasks, and each worker's load."""
+        return {
+            "stats": dict(self.stats),
+            "queued": sum(1 for t in self._queue if not t.cancelled),
+            "running": sum(len(w.running) for w in self._workers.values()),
+            "clients": len(self._clients),
+            "workers": [w.info() for w in self._workers.values()],
+            "uptime": time.time() - self.started,
+        }
+
+    async def wait_for_workers(self, n: int) -> None:
+        """Return once at least ``n`` workers are connected (bound it with asyncio.timeout)."""
+        while len(self._workers) < n:
+            self._membership.clear()
+            await self._membership.wait()
+
+    # -- clients -----------------------------------------------------------------------
+
+    def attach_client(self, deliver: Deliver) -> _Client:
+        """Register a client; ``deliver(batch)`` receives ``[[tid, status, blob], ...]``."""
+        client = _Client(next(self._cids), deliver)
+        self._clients[client.cid] = client
+        return client
+
+    def detach_client(self, client: _Client) -> None:
+        """Forget a client and cancel all of its queued and running tasks (F9)."""
+        if client.closed:
+            return
+        client.closed = True
+        self._clients.pop(client.cid, None)
+        self._cancel_tasks(list(client.tasks.values()))
+        client.tasks.clear()
+        client.outbox.clear()
+
+    def submit(self, client: _Client, tasks: list[Any], functions: dict[str, bytes]) -> None:
+        """Queue ``[[tid, fid, blob], ...]``; ``functions`` holds blobs of new fids."""
+        if client.closed:
+            return
+        for fid, blob in functions.items():
+            if type(fid) is not str or type(blob) is not bytes:
+                raise ProtocolError("submit: functions must map str to bytes")
+            self._functions.setdefault(fid, blob)
+        for item in tasks:
+            if not (
+                type(item) is list
+                and len(item) == 3
+                and type(item[0]) is int
+                and type(item[1]) is str
+                and type(item[2]) is bytes
+            ):
+                raise ProtocolError("submit: a task must be [tid, fid, blob]")
+            tid, fid, blob = item
+            if fid not in self._functions:
+                raise ProtocolError(f"submit: unknown function id {fid[:64]!r}")
+            if tid in client.tasks:
+                raise ProtocolError(f"submit: task id {tid} is already in use")
+            task = _Task(next(self._keys), client, tid, fid, blob)
+            client.tasks[tid] = task
+            self._tasks[task.key] = task
+            self._queue.append(task)
+        self.stats["submitted"] += len(tasks)
+        if not self._workers and self.no_workers_timeout is not None:
+            self._arm_no_workers_timer()
+        self._schedule_dispatch()
+
+    def cancel(self, client: _Client, tids: list[Any]) -> None:
+        """Cancel tasks of this client: dropped from the queue, cancelled on their workers."""
+        found = [client.tasks.pop(tid) for tid in tids if tid in client.tasks]
+        self._cancel_tasks(found)
+
+    def set_const(self, name: str, blob: bytes) -> None:
+        """Set a shared constant once and push it to every worker; a different value raises."""
+        if type(name) is not str or not 0 < len(name) <= _MAX_NAME or type(blob) is not bytes:
+            raise ValueError("a constant needs a name of 1 to 200 characters and a value")
+        old = self._consts.get(name)
+        if old is not None:
+            if old == blob:
+                return
+            raise ValueError(f"shared constant {name!r} is already set; constants cannot be reassigned")
+        self._consts[name] = blob
+        for worker in self._workers.values():
+            self._notify(worker.conn, "consts", {name: blob})
+
+    def consts(self) -> dict[str, bytes]:
+        """All shared constants, as blobs."""
+        return dict(self._consts)
+
+    # -- workers -----------------------------------------------------------------------
+
+    def _worker_joined(self, conn: Connection, info: Any) -> _Worker:
+        if not isinstance(info, dict):
+            raise ProtocolError("worker_hello needs a map")
+        slots, pid = info.get("slots", 1), info.get("pid", 0)
+        host, name = info.get("host", ""), info.get("name", "")
+        if not (type(slots) is int and 0 < slots <= 100_000 and type(pid) is int):
+            raise ProtocolError("worker_hello: bad slots or pid")
+        if not (type(host) is str and type(name) is str):
+            raise ProtocolError("worker_hello: bad host or name")
+        worker = _Worker(next(self._wids), conn, slots, pid, host[:_MAX_NAME], name[:_MAX_NAME])
+        self._workers[worker.wid] = worker
+        self.stats["workers_joined"] += 1
+        self._membership.set()
+        if self._no_workers_timer is not None:
+            self._no_workers_timer.cancel()
+            self._no_workers_timer = None
+        log.info("worker %d joined: %s (pid %d, %d slots)", worker.wid, worker.name, pid, slots)
+        return worker
+
+    def _want(self, worker: _Worker, n: Any) -> None:
+        if type(n) is not int or not 0 < n <= _MAX_CREDIT:
+            raise ProtocolError("want: n must be a positive integer")
+        worker.credit = min(worker.credit + n, _MAX_CREDIT)
+        if self._queue:
+            self._schedule_dispatch()
+
+    def _done(self, worker: _Worker, results: Any) -> None:
+        if type(results) is not list:
+            raise ProtocolError("done: results must be a list")
+        for item in results:
+            if not (type(item) is list and len(item) == 4 and type(item[3]) is bytes):
+                raise ProtocolError("done: a result must be [key, attempt, status, blob]")
+            key, attempt, status, blob = item
+            task = self._tasks.get(key)
+            if task is None or task.worker is not worker or task.attempt != attempt:
+                self.stats["stale_results"] += 1
+                continue
+            del self._tasks[key]
+            worker.running.pop(key, None)
+            worker.completed += 1
+            self.stats["completed" if status == STATUS_OK else "failed"] += 1
+            self._deliver(task, STATUS_OK if status == STATUS_OK else STATUS_ERROR, blob)
+
+    def _worker_gone(self, worker: _Worker) -> None:
+        if self._workers.pop(worker.wid, None) is None:
+            return
+        self.stats["workers_lost"] += 1
+        graceful = worker.leaving
+        log.log(
+            logging.INFO if graceful else logging.WARNING,
+            "worker %d (%s) %s with %d task(s) running",
+            worker.wid,
+            worker.name,
+            "left" if graceful else "was lost",
+            len(worker.running),
+        )
+        requeue: list[_Task] = []
+        for task in worker.running.values():
+            task.worker = None
+            if task.cancelled:
+                continue
+            if not graceful:
+                task.deaths += 1
+            if task.deaths > self.allowed_failures:
+                del self._tasks[task.key]
+                task.client.tasks.pop(task.tid, None)
+                self.stats["failed"] += 1
+                error = WorkerLost(
+                    f"task {task.tid} ({task.fid.removeprefix('ref:')}) was running on {task.deaths} "
+                    f"workers that died; the last was {worker.name or worker.wid}",
+                    task.deaths,
+                )
+                self._deliver(task, STATUS_ERROR, self._errors.encode(error))
+            else:
+                requeue.append(task)
+        worker.running.clear()
+        self.stats["requeued"] += len(requeue)
+        self._queue.extendleft(reversed(requeue))
+        if requeue:
+            self._schedule_dispatch()
+        if not self._workers and self._queue and self.no_workers_timeout is not None:
+            self._arm_no_workers_timer()
+
+    # -- scheduling --------------------------------------------------------------------
+
+    def _schedule_dispatch(self) -> None:
+        if not self._dispatch_pending:
+            self._dispatch_pending = True
+            self._loop.call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_pending = False
+        queue = self._queue
+        ready = [w for w in self._workers.values() if w.credit > 0 and not w.leaving]
+        while queue and ready:
+            share = -(-len(queue) // len(ready))  # spread a shallow queue evenly
+            still_ready: list[_Worker] = []
+            for worker in ready:
+                take = min(worker.credit, share)
+                batch: list[list[Any]] = []
+                functions: dict[str, bytes] = {}
+                while take and queue:
+                    task = queue.popleft()
+                    if task.cancelled:
+                        continue
+                    task.attempt += 1
+                    task.worker = worker
+                    worker.running[task.key] = task
+                    batch.append([task.key, task.attempt, task.fid, task.blob])
+                    if task.fid not in worker.fids:
+                        worker.fids.add(task.fid)
+                        functions[task.fid] = self._functions[task.fid]
+                    take -= 1
+                if batch:
+                    worker.credit -= len(batch)
+                    self._notify(worker.conn, "run", batch, functions)
+                if worker.credit > 0:
+                    still_ready.append(worker)
+                if not queue:
+                    break
+            ready = still_ready
+
+    def _cancel_tasks(self, tasks: list[_Task]) -> None:
+        by_worker: dict[_Worker, list[int]] = {}
+        for task in tasks:
+            if task.cancelled:
+                continue
+            task.cancelled = True
+            self._tasks.pop(task.key, None)
+            task.client.tasks.pop(task.tid, None)
+            worker = task.worker
+            if worker is not None:
+                worker.running.pop(task.key, None)
+                by_worker.setdefault(worker, []).append(task.key)
+            self.stats["cancelled"] += 1
+        for worker, keys in by_worker.items():
+            self._notify(worker.conn, "cancel", keys)
+
+    def _deliver(self, task: _Task, status: int, blob: bytes) -> None:
+        client = task.client
+        client.tasks.pop(task.tid, None)
+        if client.closed:
+            return
+        client.outbox.append([task.tid, status, blob])
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        for client in list(self._clients.values()):
+            if client.outbox:
+                batch, client.outbox = client.outbox, []
+                try:
+                    client.deliver(batch)
+                except ConnectionClosed:
+                    self.detach_client(client)
+
+    def _arm_no_workers_timer(self) -> None:
+        if self._no_workers_timer is None and self.no_workers_timeout is not None:
+            self._no_workers_timer = self._loop.call_later(self.no_workers_timeout, self._no_workers)
+
+    def _no_workers(self) -> None:
+        self._no_workers_timer = None
+        if self._workers:
+            return
+        queued = [t for t in self._queue if not t.cancelled]
+        self._queue.clear()
+        error = self._errors.encode(NoWorkersError(f"no worker joined within {self.no_workers_timeout:g} s"))
+        for task in queued:
+            self._tasks.pop(task.key, None)
+            self.stats["failed"] += 1
+            self._deliver(task, STATUS_ERROR, error)
+
+    @staticmethod
+    def _notify(conn: Connection, name: str, *args: Any) -> None:
+        try:
+            conn.notify_nowait(name, *args)
+        except ConnectionClosed:
+            pass  # its close callback cleans up
+
+    # -- serving -----------------------------------------------------------------------
+
+    def handlers(self, conn: Connection) -> dict[str, Callable[..., Any]]:
+        """The handler table of one connection to the broker (a worker or a client)."""
+        return _Session(self, conn).handlers()
+
+    def close(self) -> None:
+        """Fail nothing, forget everything: the server closing the connections does the rest."""
+        if self._no_workers_timer is not None:
+            self._no_workers_timer.cancel()
+            self._no_workers_timer = None
+
+
+class _Session:
+    """One connection to the broker, which becomes a worker or a client by its hello."""
+
+    def __init__(self, broker: Broker, conn: Connection) -> None:
+        self.broker = broker
+        self.conn = conn
+        self.worker: _Worker | None = None
+        self.client: _Client | None = None
+
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        return {
+            "worker_hello": self.worker_hello,
+            "want": self.want,
+            "done": self.done,
+            "leaving": self.leaving,
+            "client_hello": self.client_hello,
+            "submit": self.submit,
+            "cancel": self.cancel,
+            "set_const": self.set_const,
+            "get_consts": self.broker.consts,
+            "status": self.broker.status,
+        }
+
+    def _closed(self, conn: Connection) -> None:
+        if self.worker is not None:
+            self.broker._worker_gone(self.worker)
+        if self.client is not None:
+            self.broker.detach_client(self.client)
+
+    def _role(self) -> None:
+        if self.worker is not None or self.client is not None:
+            raise ProtocolError("this connection already said hello")
+
+    def worker_hello(self, info: Any) -> dict[str, Any]:
+        self._role()
+        self.worker = self.broker._worker_joined(self.conn, info)
+        self.conn.add_close_callback(self._closed)
+        return {"wid": self.worker.wid, "consts": self.broker.consts()}
+
+    def client_hello(self) -> dict[str, Any]:
+        self._role()
+        conn = self.conn
+
+        def deliver(batch: list[list[Any]]) -> None:
+            conn.notify_nowait("results", batch)
+
+        self.client = self.broker.attach_client(deliver)
+        self.conn.add_close_callback(self._closed)
+        return {"cid": self.client.cid}
+
+    def _as_worker(self) -> _Worker:
+        if self.worker is None:
+            raise ProtocolError("only a worker may send this")
+        return self.worker
+
+    def _as_client(self) -> _Client:
+        if self.client is None:
+            raise ProtocolError("only a client may send this")
+        return self.client
+
+    def want(self, n: Any) -> None:
+        self.broker._want(self._as_worker(), n)
+
+    def done(self, results: Any) -> None:
+        self.broker._done(self._as_worker(), results)
+
+    def leaving(self) -> None:
+        self._as_worker().leaving = True
+
+    def submit(self, tasks: Any, functions: Any) -> None:
+        if type(tasks) is not list or type(functions) is not dict:
+            raise ProtocolError("submit needs a list of tasks and a map of functions")
+        self.broker.submit(self._as_client(), tasks, functions)
+
+    def cancel(self, tids: Any) -> None:
+        if type(tids) is not list:
+            raise ProtocolError("cancel needs a list of task ids")
+        self.broker.cancel(self._as_client(), tids)
+
+    def set_const(self, name: Any, blob: Any) -> None:
+        self._as_client()
+        self.broker.set_const(name, blob)

@@ -1,0 +1,420 @@
+"""The worker: runs tasks pulled from a broker (``asyncdist worker`` / ``asyncdist-worker``).
+
+* ``async def`` functions run as tasks on the worker's event loop, many
+  suspended at once (up to ``max_async``);
+* plain functions run in a thread pool of ``slots`` threads, off the loop, so
+  heartbeats never stall; small tasks go to a thread in batches (one
+  executor hop for many tasks), sized from the measured task duration;
+* the worker asks the broker for as many tasks as it can start soon: about
+  ``prefetch`` seconds of work per slot, one or two for long tasks and
+  hundreds for tiny ones;
+* results go back in one frame per loop iteration.
+
+A cancelled async task gets CancelledError; a thread cannot be interrupted,
+so the late result of a cancelled plain task is dropped. The worker exits
+when its broker connection ends (F7), and, when started by a pool or over
+SSH, when its stdin reaches EOF: no worker outlives its launcher. SIGTERM
+makes it leave gracefully: its tasks go back to the queue without counting
+as failures (F3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import inspect
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ..connection import Connection, connect, parse_address
+from ..errors import ConnectionClosed, SerializationError
+from ..security import resolve_secret
+from ._broker import STATUS_ERROR, STATUS_OK
+from ._payload import MAIN_ALIAS, FunctionCache, PayloadCodec
+
+__all__ = ["Worker", "current_worker"]
+
+log = logging.getLogger("asyncdist.futures.worker")
+
+_PREFETCH_SECONDS = 0.02
+_BATCH_SECONDS = 0.005
+_MAX_PER_SLOT = 1024
+
+_current: Worker | None = None
+
+
+def current_worker() -> Worker | None:
+    """The worker running in this process, if this process is a worker."""
+    return _current
+
+
+class Worker:
+    """A worker process's engine: connect to ``broker`` and run tasks until told to stop."""
+
+    def __init__(
+        self,
+        broker: str | tuple[str, int],
+        *,
+        slots: int = 1,
+        secret: str | bytes | None = None,
+        secret_file: str | os.PathLike[str] | None = None,
+        ssl: Any = None,
+        name: str | None = None,
+        max_async: int = 10_000,
+        prefetch: float = _PREFETCH_SECONDS,
+        **connect_options: Any,
+    ) -> None:
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
+        self.address = parse_address(broker) if isinstance(broker, str) else broker
+        self.slots = slots
+        #: The shared secret (resolved), also used by nested futures inside tasks.
+        self.secret = resolve_secret(secret, secret_file=secret_file)
+        #: The TLS context for the broker, also used by nested futures.
+        self.ssl = ssl
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.max_async = max_async
+        self.prefetch = prefetch
+        self._connect_options = connect_options
+        self.conn: Connection | None = None
+        self._payloads = PayloadCodec(authenticated=False)
+        self._functions = FunctionCache(self._payloads)
+        self._is_async: dict[str, bool] = {}
+        self._queue: deque[tuple[int, int, Callable[..., Any], list[Any], dict[str, Any]]] = deque()
+        self._async: dict[int, asyncio.Task[None]] = {}
+        self._cancelled: set[int] = set()
+        self._requested = 0
+        self._free_threads = slots
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._outbox: list[list[Any]] = []
+        self._flush_pending = False
+        self._ewma: float | None = None
+        self._stopping = False
+        self._consts: dict[str, bytes] = {}
+        self._const_values: dict[str, Any] = {}
+        self._stopped: asyncio.Future[None] | None = None
+        #: Tasks finished by this worker.
+        self.completed = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, run tasks until the broker connection ends or :meth:`stop` is called."""
+        global _current
+        loop = asyncio.get_running_loop()
+        self._stopped = loop.create_future()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            self.slots, thread_name_prefix="asyncdist-task"
+        )
+        try:
+            host, port = self.address
+            self.conn = await connect(
+                host,
+                port,
+                secret=self.secret,
+                ssl=self.ssl,
+                handlers={"run": self._on_run, "cancel": self._on_cancel, "consts": self._on_consts},
+                accept_pickle="load",
+                **self._connect_options,
+            )
+            self._payloads = PayloadCodec(authenticated=self.conn.authenticated)
+            self._functions = FunctionCache(self._payloads)
+            info = {"slots": self.slots, "pid": os.getpid(), "host": socket.gethostname(), "name": self.name}
+            reply = await self.conn.call("worker_hello", info)
+            self._consts.update(reply.get("consts", {}))
+            _current = self
+            self._request_more()
+            closed = asyncio.ensure_future(self.conn.wait_closed())
+            try:
+                await asyncio.wait([closed, self._stopped], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closed.cancel()
+        finally:
+            if _current is self:
+                _current = None
+            await self._shutdown()
+
+    def stop(self, *, graceful: bool = True) -> None:
+        """Stop: gracefully, the broker requeues our tasks without counting a failure."""
+        if self._stopping:
+            return
+        self._stopping = True
+        conn = self.conn
+        if graceful and conn is not None and not conn.closed:
+            with contextlib.suppress(ConnectionClosed):
+                conn.notify_nowait("leaving")
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        for task in list(self._async.values()):
+            task.cancel()
+        if self._async:
+            await asyncio.gather(*self._async.values(), return_exceptions=True)
+        if self.conn is not None:
+            await self.conn.close("worker stopping")
+        if self._executor is not None:
+            # Running plain tasks cannot be interrupted: do not wait for them here.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def busy_threads(self) -> int:
+        """Threads running plain tasks right now."""
+        return self.slots - self._free_threads
+
+    # -- shared constants --------------------------------------------------------------
+
+    def get_const(self, name: str) -> Any:
+        """The value of a shared constant (KeyError if it was never set)."""
+        if name not in self._const_values:
+            self._const_values[name] = self._payloads.decode(self._consts[name])
+        return self._const_values[name]
+
+    def _on_consts(self, consts: dict[str, bytes]) -> None:
+        self._consts.update(consts)
+
+    # -- receiving tasks ---------------------------------------------------------------
+
+    def _on_run(self, batch: list[list[Any]], functions: dict[str, bytes]) -> None:
+        for fid, blob in functions.items():
+            self._functions.add(fid, blob)
+        self._requested = max(0, self._requested - len(batch))
+        loop = asyncio.get_running_loop()
+        for key, attempt, fid, blob in batch:
+            try:
+                fn = self._functions.get(fid)
+                call = self._payloads.decode(blob)
+                args, kwargs = (call[0], call[1]) if len(call) == 2 else (call[0], {})
+            except Exception as exc:
+                self._result(key, attempt, STATUS_ERROR, exc)
+                continue
+            is_async = self._is_async.get(fid)
+            if is_async is None:
+                is_async = self._is_async[fid] = _is_async_callable(fn)
+            if is_async:
+                task = loop.create_task(self._run_async(key, attempt, fn, args, kwargs))
+                self._async[key] = task
+            else:
+                self._queue.append((key, attempt, fn, args, kwargs))
+        self._pump()
+        self._request_more()
+
+    def _on_cancel(self, keys: list[int]) -> None:
+        for key in keys:
+            task = self._async.get(key)
+            if task is not None:
+                self._cancelled.add(key)
+                task.cancel()
+                continue
+            for i, queued in enumerate(self._queue):
+                if queued[0] == key:
+                    del self._queue[i]
+                    break
+            else:
+                self._cancelled.add(key)  # running in a thread: drop its result
+        self._request_more()
+
+    # -- running -----------------------------------------------------------------------
+
+    async def _run_async(
+        self, key: int, attempt: int, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]
+    ) -> None:
+        try:
+            value = await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            if key not in self._cancelled and not self._stopping:
+                self._result(key, attempt, STATUS_ERROR, asyncio.CancelledError("task cancelled"))
+        except Exception as exc:
+            self._result(key, attempt, STATUS_ERROR, exc)
+        else:
+            self._result(key, attempt, STATUS_OK, value)
+        finally:
+            self._async.pop(key, None)
+            self._cancelled.discard(key)
+            self._request_more()
+
+    def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        executor = self._executor
+        assert executor is not None
+        while self._free_threads > 0 and self._queue:
+            ewma = self._ewma
+            n = 1 if ewma is None else max(1, int(_BATCH_SECONDS / max(ewma, 1e-7)))
+            n = min(n, len(self._queue))
+            batch = [self._queue.popleft() for _ in range(n)]
+            self._free_threads -= 1
+            fut = loop.run_in_executor(executor, self._run_batch, batch)
+            fut.add_done_callback(self._batch_done)
+
+    def _run_batch(self, batch: list[Any]) -> list[tuple[int, int, int, Any, float]]:
+        # In a worker thread: no asyncio here.
+        out = []
+        cancelled = self._cancelled
+        for key, attempt, fn, args, kwargs in batch:
+            if key in cancelled:
+                continue
+            start = time.perf_counter()
+            try:
+                value = fn(*args, **kwargs)
+                status = STATUS_OK
+            except Exception as exc:
+                value, status = exc, STATUS_ERROR
+            out.append((key, attempt, status, value, time.perf_counter() - start))
+        return out
+
+    def _batch_done(self, fut: asyncio.Future[list[tuple[int, int, int, Any, float]]]) -> None:
+        self._free_threads += 1
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:  # the executor itself failed (e.g. shut down)
+            log.error("task batch failed to run: %r", exc)
+            return
+        total = 0.0
+        results = fut.result()
+        for key, attempt, status, value, elapsed in results:
+            total += elapsed
+            if key in self._cancelled:
+                self._cancelled.discard(key)
+                continue
+            if status == STATUS_OK and inspect.isawaitable(value):
+                # A plain function that returned an awaitable: finish it on the loop.
+                loop = asyncio.get_running_loop()
+                self._async[key] = loop.create_task(self._await_value(key, attempt, value))
+                continue
+            self._result(key, attempt, status, value)
+        if results:
+            mean = total / len(results)
+            self._ewma = mean if self._ewma is None else 0.7 * self._ewma + 0.3 * mean
+        if not self._stopping:
+            self._pump()
+            self._request_more()
+
+    async def _await_value(self, key: int, attempt: int, aw: Any) -> None:
+        async def inner() -> Any:
+            return await aw
+
+        await self._run_async(key, attempt, inner, [], {})
+
+    # -- results and credit ------------------------------------------------------------
+
+    def _result(self, key: int, attempt: int, status: int, value: Any) -> None:
+        try:
+            blob = self._payloads.encode(value)
+        except SerializationError as exc:
+            status, blob = STATUS_ERROR, self._payloads.encode(exc)
+        self.completed += 1
+        self._outbox.append([key, attempt, status, blob])
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        with contextlib.suppress(ConnectionClosed):
+            conn.notify_nowait("done", batch)
+
+    def _target(self) -> int:
+        ewma = self._ewma
+        if ewma is None:
+            per_slot = 2
+        else:
+            per_slot = max(1, min(_MAX_PER_SLOT, math.ceil(self.prefetch / max(ewma, 1e-7))))
+        return self.slots * per_slot
+
+    def _request_more(self) -> None:
+        conn = self.conn
+        if self._stopping or conn is None or conn.closed or len(self._async) >= self.max_async:
+            return
+        target = self._target()
+        deficit = target - len(self._queue) - self._requested
+        if deficit >= max(1, target // 4):
+            self._requested += deficit
+            with contextlib.suppress(ConnectionClosed):
+                conn.notify_nowait("want", deficit)
+
+
+def _is_async_callable(fn: Any) -> bool:
+    while True:
+        if inspect.iscoroutinefunction(fn):
+            return True
+        inner = getattr(fn, "func", None)  # functools.partial
+        if inner is None or inner is fn:
+            break
+        fn = inner
+    # An instance whose __call__ is a coroutine function.
+    return not inspect.isroutine(fn) and inspect.iscoroutinefunction(type(fn).__call__)
+
+
+def import_main(path: str) -> None:
+    """Import the launcher's script under another name, so its functions resolve by reference."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(MAIN_ALIAS, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[MAIN_ALIAS] = module
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    spec.loader.exec_module(module)
+
+
+async def run_worker(
+    broker: str,
+    *,
+    slots: int = 1,
+    secret: str | bytes | None = None,
+    secret_file: str | None = None,
+    ssl: Any = None,
+    watch_stdin: bool = False,
+    name: str | None = None,
+) -> int:
+    """Run a worker until its broker goes away, SIGTERM/SIGINT, or stdin EOF; return an exit code."""
+    worker = Worker(broker, slots=slots, secret=secret, secret_file=secret_file, ssl=ssl, name=name)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, worker.stop)
+    watcher = asyncio.ensure_future(_watch_stdin(worker)) if watch_stdin else None
+    try:
+        await worker.run()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+    return 0
+
+
+async def _watch_stdin(worker: Worker) -> None:
+    """Stop the worker when stdin closes: its launcher is gone or asked it to stop."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(sys.stdin.fileno()), "rb")
+    )
+    try:
+        while await reader.read(4096):
+            pass
+        worker.stop()
+    finally:
+        transport.close()
