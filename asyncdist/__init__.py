@@ -47,8 +47,6 @@ from .server import Server, serve
 
 __all__ = [
     "ALL_COMPLETED",
-    "FIRST_COMPLETED",
-    "FIRST_EXCEPTION",
     "AsyncDistError",
     "AuthenticationError",
     "BrokerLost",
@@ -59,6 +57,8 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionClosedError",
     "ConnectionClosedOK",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
     "NoWorkersError",
     "ObjectRef",
     "Options",
