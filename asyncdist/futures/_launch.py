@@ -41,7 +41,7 @@ class _Cluster(threading.Thread):
         self.secret: bytes | None = None
         self.error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
+        self._stop_event: asyncio.Event | None = None
 
     def run(self) -> None:
         loop = _loop.new_event_loop()
@@ -55,16 +55,16 @@ class _Cluster(threading.Thread):
             loop.close()
 
     async def _serve(self) -> None:
-        self._stop = asyncio.Event()
+        self._stop_event = asyncio.Event()
         pool = Pool(workers=self.workers, slots=self.slots, main=self.script, **self.pool_options)
         async with pool:
             self.address = pool.address
             self.secret = pool.secret
             self.ready.set()
-            await self._stop.wait()
+            await self._stop_event.wait()
 
     def stop(self) -> None:
-        loop, stop = self._loop, self._stop
+        loop, stop = self._loop, self._stop_event
         if loop is not None and stop is not None and not loop.is_closed():
             try:
                 loop.call_soon_threadsafe(stop.set)
