@@ -154,8 +154,32 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             ssl=ssl,
             watch_stdin=args.watch_stdin,
             name=args.name,
+            **parse_options(args.option),
         )
     )
+
+
+def parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["heartbeat_timeout=3", ...]`` into keyword arguments for :class:`asyncdist.Options`."""
+    import dataclasses
+
+    from .connection import Options
+
+    fields = {f.name: f for f in dataclasses.fields(Options)}
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in fields:
+            raise ConfigurationError(
+                f"bad --option {item!r}: use NAME=VALUE with NAME one of {sorted(fields)}"
+            )
+        default = getattr(Options(), name)
+        try:
+            out[name] = type(default)(value) if not isinstance(default, str) else value
+        except ValueError:
+            raise ConfigurationError(f"bad value in --option {item!r}") from None
+    return out
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -217,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="a name for this worker (default host:pid)")
     p.add_argument("--watch-stdin", action="store_true", help="exit when stdin reaches EOF")
     p.add_argument("--main", help="import this script first, as the launcher's workers do")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a connection option, e.g. heartbeat_timeout=3 (repeatable; see asyncdist.Options)",
+    )
     _add_security(p, server=False)
     p.set_defaults(func=_cmd_worker)
 

@@ -344,6 +344,15 @@ class Connection(asyncio.BufferedProtocol):
             await self._drain()
         self.notify_nowait(name, *args, **kwargs)
 
+    def flush(self) -> None:
+        """Write the frames queued so far now, instead of at the end of this loop iteration.
+
+        For callers that batch their own messages per iteration (the futures
+        broker and workers): it spares one loop iteration of latency.
+        """
+        if self._flush_pending and not self._in_receive:
+            self._flush()
+
     def notify_nowait(self, name: str, /, *args: Any, **kwargs: Any) -> None:
         """Like :meth:`notify`, without waiting for room in the write buffer.
 

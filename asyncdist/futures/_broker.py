@@ -433,6 +433,7 @@ class Broker:
     def _notify(conn: Connection, name: str, *args: Any) -> None:
         try:
             conn.notify_nowait(name, *args)
+            conn.flush()  # the broker batches per iteration itself
         except ConnectionClosed:
             pass  # its close callback cleans up
 
@@ -494,6 +495,7 @@ class _Session:
 
         def deliver(batch: list[list[Any]]) -> None:
             conn.notify_nowait("results", batch)
+            conn.flush()
 
         self.client = self.broker.attach_client(deliver)
         self.conn.add_close_callback(self._closed)

@@ -250,6 +250,7 @@ class _LocalWorkers:
         slots: int,
         main: str | None,
         nice: int,
+        options: dict[str, Any],
     ) -> None:
         env = dict(os.environ)
         paths = [p for p in sys.path if p and os.path.isdir(p)]  # noqa: ASYNC240 - fast, local
@@ -269,6 +270,8 @@ class _LocalWorkers:
         ]
         if main is not None:
             cmd += ["--main", main]
+        for key, value in options.items():
+            cmd += ["--option", f"{key}={value}"]
         preexec = (lambda: os.nice(nice)) if nice else None
         for _ in range(n):
             proc = await asyncio.create_subprocess_exec(
@@ -324,7 +327,11 @@ class Pool:
     cluster instead. Options: ``slots`` (threads per local worker for plain
     functions), ``allowed_failures`` (worker deaths a task survives),
     ``no_workers_timeout``, ``join_timeout`` (seconds to wait for local
-    workers), ``nice`` (priority increment of local workers), ``ssl``.
+    workers), ``nice`` (priority increment of local workers), ``ssl``. Other
+    keyword arguments are connection :class:`~asyncdist.connection.Options`
+    (e.g. ``heartbeat_interval``, ``heartbeat_timeout``): for a local pool
+    they apply to its broker and to every local worker's connection, for a
+    joined pool to its connection to the broker.
     """
 
     def __init__(
@@ -417,14 +424,22 @@ class Pool:
         self._broker = Broker(
             allowed_failures=self.allowed_failures, no_workers_timeout=self.no_workers_timeout
         )
-        self._server = await serve(self._broker.handlers, host="127.0.0.1", port=0, secret=secret)
+        self._server = await serve(
+            self._broker.handlers, host="127.0.0.1", port=0, secret=secret, **self._connect_options
+        )
         self._link = _LocalLink(self._broker, self._on_results)
         self._payloads = PayloadCodec(authenticated=True)
         self._functions = FunctionTable(self._payloads, main_importable=self._main is not None)
         n = self.workers or 0
         if n:
             await self._procs.spawn(
-                n, self.address or "", secret, slots=self.slots, main=self._main, nice=self.nice
+                n,
+                self.address or "",
+                secret,
+                slots=self.slots,
+                main=self._main,
+                nice=self.nice,
+                options=self._connect_options,
             )
             await self._wait_joined(n)
 

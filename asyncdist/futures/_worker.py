@@ -329,6 +329,7 @@ class Worker:
             return
         with contextlib.suppress(ConnectionClosed):
             conn.notify_nowait("done", batch)
+            conn.flush()
 
     def _target(self) -> int:
         ewma = self._ewma
@@ -384,9 +385,16 @@ async def run_worker(
     ssl: Any = None,
     watch_stdin: bool = False,
     name: str | None = None,
+    **connect_options: Any,
 ) -> int:
-    """Run a worker until its broker goes away, SIGTERM/SIGINT, or stdin EOF; return an exit code."""
-    worker = Worker(broker, slots=slots, secret=secret, secret_file=secret_file, ssl=ssl, name=name)
+    """Run a worker until its broker goes away, SIGTERM/SIGINT, or stdin EOF; return an exit code.
+
+    ``connect_options`` are :class:`~asyncdist.connection.Options` fields
+    (e.g. ``heartbeat_timeout``) for the connection to the broker.
+    """
+    worker = Worker(
+        broker, slots=slots, secret=secret, secret_file=secret_file, ssl=ssl, name=name, **connect_options
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
