@@ -145,7 +145,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if args.main:
         import_main(args.main)
     ssl = _ssl_context(args, server=False)
-    return run(
+    status = run(
         run_worker(
             args.broker,
             slots=args.slots,
@@ -157,6 +157,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             **parse_options(args.option),
         )
     )
+    # A plain task still running in a thread cannot be interrupted and would hold up the
+    # interpreter's exit: this process is only a worker, so leave at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def parse_options(items: Sequence[str]) -> dict[str, Any]:
