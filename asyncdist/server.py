@@ -295,10 +295,15 @@ class Server:
 async def _bind_tcp(
     host: str | None, port: int, backlog: int, reuse_port: bool | None
 ) -> list[socket.socket]:
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(
-        host, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
+    try:
+        # A numeric address needs no lookup (and no executor thread).
+        infos = socket.getaddrinfo(
+            host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE | socket.AI_NUMERICHOST
+        )
+    except socket.gaierror:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     socks: list[socket.socket] = []
     seen: set[Any] = set()
     try:

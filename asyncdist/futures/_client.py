@@ -795,7 +795,12 @@ class _Merger:
 def _progress_bar(total: int, name: str) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=name, unit="task", leave=False)
+    class Bar(tqdm):  # type: ignore[misc]
+        # No monitor thread: the bar is updated on every result, and tqdm would leave the
+        # thread running for the life of the process.
+        monitor_interval = 0
+
+    return Bar(total=total, desc=name, unit="task", leave=False)
 
 
 def _cpu_count() -> int:
