@@ -74,6 +74,16 @@ def _add_security(p: argparse.ArgumentParser, *, server: bool) -> None:
         )
 
 
+def _add_option_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a connection option, e.g. heartbeat_timeout=3 (repeatable; see asyncdist.Options)",
+    )
+
+
 def _ssl_context(args: argparse.Namespace, *, server: bool) -> Any:
     from .security import client_context, server_context
 
@@ -114,6 +124,7 @@ def _cmd_broker(args: argparse.Namespace) -> int:
             insecure=args.insecure,
             allowed_failures=args.allowed_failures,
             no_workers_timeout=args.no_workers_timeout,
+            **parse_options(args.option),
         )
         print(f"asyncdist broker listening on {args.host}:{server.port}", flush=True)
         await _serve_until_signal(server)
@@ -237,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5555, help="port to listen on (default 5555; 0: any)")
     p.add_argument("--allowed-failures", type=int, default=3, help="worker deaths a task survives")
     p.add_argument("--no-workers-timeout", type=float, help="fail queued tasks after S s without workers")
+    _add_option_argument(p)
     _add_security(p, server=True)
     p.set_defaults(func=_cmd_broker)
 
@@ -246,13 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="a name for this worker (default host:pid)")
     p.add_argument("--watch-stdin", action="store_true", help="exit when stdin reaches EOF")
     p.add_argument("--main", help="import this script first, as the launcher's workers do")
-    p.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a connection option, e.g. heartbeat_timeout=3 (repeatable; see asyncdist.Options)",
-    )
+    _add_option_argument(p)
     _add_security(p, server=False)
     p.set_defaults(func=_cmd_worker)
 

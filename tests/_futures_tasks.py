@@ -144,6 +144,16 @@ async def async_fail_or_wait(directory: str, i: int, bad: int) -> int:
     return i
 
 
+async def async_long_first_time(directory: str, name: str, seconds: float, value: Any) -> Any:
+    """The async twin of :func:`long_first_time`."""
+    first = not markers(directory, "started", name)
+    _mark(directory, "started", name)
+    if first:
+        await asyncio.sleep(seconds)
+    _mark(directory, "ran", name)
+    return value
+
+
 # -- processes for the tests ----------------------------------------------------------------------
 
 

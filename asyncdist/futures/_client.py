@@ -99,8 +99,9 @@ class TaskFuture(asyncio.Future[_T]):
 class _Job:
     """The tasks of one map call; results kept by position."""
 
-    def __init__(self, pool: Pool, base: int, n: int, progress: Any = None) -> None:
+    def __init__(self, pool: Pool, base: int, n: int, progress: Any = None, *, stream: bool = False) -> None:
         self.pool = pool
+        self.stream = stream  # keep arrivals for arrivals(); map() only needs the results list
         self.base = base
         self.n = n
         self.results: list[Any] = [None] * n
@@ -126,7 +127,8 @@ class _Job:
             self._wake()
             return
         self.results[index] = value
-        self.arrived.append((index, value))
+        if self.stream:
+            self.arrived.append((index, value))
         self.remaining -= 1
         if self.remaining == 0:
             self.finished.set_result(None)
@@ -380,6 +382,7 @@ class Pool:
         self._consts: dict[str, Any] = {}
         self._started = False
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
         #: The cluster's shared secret (a local pool makes one), for workers started by hand.
         self.secret: bytes | None = None
         self._tokens: list[contextvars.Token[Pool | None]] = []
@@ -517,9 +520,20 @@ class Pool:
         return self._link
 
     async def aclose(self) -> None:
-        """Cancel what is pending, disconnect, and stop and reap local workers. Idempotent."""
-        if self._closed:
+        """Cancel what is pending, disconnect, and stop and reap local workers.
+
+        Idempotent: a second call waits until the first has finished.
+        """
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
             return
+        self._closing = asyncio.get_running_loop().create_future()
+        try:
+            await self._close()
+        finally:
+            self._closing.set_result(None)
+
+    async def _close(self) -> None:
         self._closed = True
         waiting, self._waiting = self._waiting, {}
         for sink in set(waiting.values()):
@@ -584,18 +598,27 @@ class Pool:
         link.fids.add(fid)
         return base
 
-    def submit(
-        self, fn: Callable[..., _T] | Callable[..., Awaitable[_T]], /, *args: Any, **kwargs: Any
-    ) -> TaskFuture[_T]:
-        """Run ``fn(*args, **kwargs)`` on a worker; return its :class:`TaskFuture` at once."""
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        """Run ``fn(*args, **kwargs)`` on a worker; return its :class:`TaskFuture` at once.
+
+        A joined pool that lost its broker returns a task that reconnects
+        first (F8); cancelling it cancels the submission.
+        """
         self._check_open()
-        tid = self._next_tid
-        self._next_tid = tid + 1
-        fut: TaskFuture[Any] = TaskFuture(self, tid)
         link = self._link
         assert link is not None
         if not link.alive:
-            raise BrokerLost("the pool's broker connection is closed; await pool.map(...) to reconnect")
+            if isinstance(link, _LocalLink):
+                raise BrokerLost("the pool's broker is gone")
+
+            async def reconnect_then_submit() -> Any:
+                await self._ensure_link()
+                return await self.submit(fn, *args, **kwargs)
+
+            return asyncio.ensure_future(reconnect_then_submit())
+        tid = self._next_tid
+        self._next_tid = tid + 1
+        fut: TaskFuture[Any] = TaskFuture(self, tid)
         fid, fblob = self._functions.lookup(fn)
         call = [list(args), kwargs] if kwargs else [list(args)]
         self._waiting[tid] = fut
@@ -639,11 +662,13 @@ class Pool:
                     value = RemoteError("unknown", repr(value))
                 sink._accept(tid, False, value)
 
-    def _start_job(self, fn: Callable[..., Any], iterables: Sequence[Iterable[Any]], progress: bool) -> _Job:
+    def _start_job(
+        self, fn: Callable[..., Any], iterables: Sequence[Iterable[Any]], progress: bool, stream: bool = True
+    ) -> _Job:
         self._check_open()
         calls = [[list(args)] for args in zip(*iterables, strict=False)] if iterables else []
         bar = _progress_bar(len(calls), getattr(fn, "__name__", "tasks")) if progress else None
-        job = _Job(self, self._next_tid, len(calls), bar)
+        job = _Job(self, self._next_tid, len(calls), bar, stream=stream)
         if calls:
             self._submit_tasks(fn, calls, job)
         return job
@@ -665,7 +690,7 @@ class Pool:
         (TimeoutError) or the caller is cancelled.
         """
         await self._ensure_link()
-        job = self._start_job(fn, iterables, progress)
+        job = self._start_job(fn, iterables, progress, stream=False)
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(job.finished)
