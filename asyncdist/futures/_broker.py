@@ -8,7 +8,8 @@ from -> to           name                 arguments
 worker -> broker     worker_hello (CALL)  ``{slots, pid, host, name}`` -> ``{wid, consts}``
 worker -> broker     want                 ``n``: the worker takes n more tasks (credit)
 broker -> worker     run                  ``[[key, attempt, fid, blob], ...], {fid: blob}``
-worker -> broker     done                 ``[[key, attempt, status, blob], ...]``
+worker -> broker     started              ``[key, ...], {fid: seconds}``: tasks executing now
+worker -> broker     done                 ``[[key, attempt, status, blob], ...], {fid: seconds}``
 broker -> worker     cancel               ``[key, ...]``
 broker -> worker     consts               ``{name: blob}``
 worker -> broker     leaving              (graceful exit: its tasks go back to the queue)
@@ -24,11 +25,18 @@ client -> broker     status (CALL)        -> counters, workers and queue depth
 Load balancing is pull-based: each worker asks for as many tasks as it can
 start soon (few for long tasks, hundreds for tiny ones), and the broker
 spreads the queue over the workers that asked, many tasks to a frame when
-the queue is deep. Results travel back to each client in one frame per loop
-iteration. The broker never decodes arguments or results (blobs).
+the queue is deep. The broker also caps what it hands a worker by time:
+workers report each function's mean duration, and a worker gets at most
+about ``slots * 30 ms`` of estimated work at once (two tasks per slot of a
+function not measured yet), so a long map stays balanced to its end even
+when a worker still holds credit from earlier tiny tasks. Results travel
+back to each client in one frame per loop iteration. The broker never
+decodes arguments or results (blobs).
 
 Faults: a worker whose connection ends (crash, kill, heartbeat timeout) has
-its running tasks put back at the head of the queue; a task whose workers
+its tasks put back at the head of the queue. The death counts against the
+tasks it had announced as started (those it had only prefetched are
+innocent), or against all of them if it announced none; a task whose workers
 died more than ``allowed_failures`` times fails with
 :class:`~asyncdist.errors.WorkerLost`. A worker that says ``leaving`` first
 gives its tasks back without counting a failure. Late results of an attempt
@@ -56,6 +64,9 @@ log = logging.getLogger("asyncdist.futures.broker")
 
 STATUS_OK = 0
 STATUS_ERROR = 1
+# A worker holds at most about this much estimated work per slot; an unmeasured function
+# costs half of it per task (two per slot).
+_LOAD_PER_SLOT = 0.03
 _MAX_CREDIT = 100_000
 _MAX_NAME = 200
 
@@ -63,7 +74,19 @@ Deliver = Callable[[list[list[Any]]], None]
 
 
 class _Task:
-    __slots__ = ("attempt", "blob", "cancelled", "client", "deaths", "fid", "key", "tid", "worker")
+    __slots__ = (
+        "attempt",
+        "blob",
+        "cancelled",
+        "client",
+        "cost",
+        "deaths",
+        "fid",
+        "key",
+        "started",
+        "tid",
+        "worker",
+    )
 
     def __init__(self, key: int, client: _Client, tid: int, fid: str, blob: bytes) -> None:
         self.key = key
@@ -75,6 +98,8 @@ class _Task:
         self.deaths = 0
         self.worker: _Worker | None = None
         self.cancelled = False
+        self.started = False  # announced as executing by its current worker
+        self.cost = 0.0  # estimated seconds, counted in its worker's load
 
 
 class _Worker:
@@ -86,6 +111,7 @@ class _Worker:
         self.host = host
         self.name = name
         self.credit = 0
+        self.load = 0.0  # estimated seconds of the tasks it holds
         self.running: dict[int, _Task] = {}
         self.fids: set[str] = set()
         self.leaving = False
@@ -136,6 +162,7 @@ class Broker:
         self._workers: dict[int, _Worker] = {}
         self._clients: dict[int, _Client] = {}
         self._functions: dict[str, bytes] = {}
+        self._estimates: dict[str, float] = {}  # fid -> mean seconds per call
         self._consts: dict[str, bytes] = {}
         self._keys = itertools.count(1)
         self._wids = itertools.count(1)
@@ -281,9 +308,20 @@ class Broker:
         if self._queue:
             self._schedule_dispatch()
 
-    def _done(self, worker: _Worker, results: Any) -> None:
+    def _started(self, worker: _Worker, keys: Any, estimates: Any = None) -> None:
+        if type(keys) is not list:
+            raise ProtocolError("started: keys must be a list")
+        self._update_estimates(estimates)
+        running = worker.running
+        for key in keys:
+            task = running.get(key)
+            if task is not None:
+                task.started = True
+
+    def _done(self, worker: _Worker, results: Any, estimates: Any = None) -> None:
         if type(results) is not list:
             raise ProtocolError("done: results must be a list")
+        self._update_estimates(estimates)
         for item in results:
             if not (type(item) is list and len(item) == 4 and type(item[3]) is bytes):
                 raise ProtocolError("done: a result must be [key, attempt, status, blob]")
@@ -293,10 +331,37 @@ class Broker:
                 self.stats["stale_results"] += 1
                 continue
             del self._tasks[key]
-            worker.running.pop(key, None)
+            if worker.running.pop(key, None) is not None:
+                worker.load = worker.load - task.cost if worker.running else 0.0
             worker.completed += 1
             self.stats["completed" if status == STATUS_OK else "failed"] += 1
             self._deliver(task, STATUS_OK if status == STATUS_OK else STATUS_ERROR, blob)
+        if self._queue:
+            self._schedule_dispatch()  # room freed under the load cap
+
+    def _update_estimates(self, estimates: Any) -> None:
+        if not estimates:
+            return
+        if type(estimates) is not dict:
+            raise ProtocolError("estimates must be a map of function id to seconds")
+        cheaper = False
+        for fid, seconds in estimates.items():
+            if type(fid) is str and type(seconds) is float and seconds >= 0:
+                old = self._estimates.get(fid, _LOAD_PER_SLOT / 2)
+                self._estimates[fid] = seconds
+                if seconds < old / 2:
+                    cheaper = True
+        if cheaper:
+            # Tasks handed out at the old, higher cost (e.g. async tasks, which hold no
+            # slot) would keep their workers looking full: re-cost them.
+            for worker in self._workers.values():
+                load = 0.0
+                for task in worker.running.values():
+                    task.cost = min(task.cost, self._estimates.get(task.fid, task.cost))
+                    load += task.cost
+                worker.load = load
+            if self._queue:
+                self._schedule_dispatch()
 
     def _worker_gone(self, worker: _Worker) -> None:
         if self._workers.pop(worker.wid, None) is None:
@@ -312,11 +377,15 @@ class Broker:
             len(worker.running),
         )
         requeue: list[_Task] = []
+        # Blame the tasks that were executing; with no announcement, all of them.
+        blame_all = not any(task.started for task in worker.running.values())
         for task in worker.running.values():
             task.worker = None
+            blamed = task.started or blame_all
+            task.started = False
             if task.cancelled:
                 continue
-            if not graceful:
+            if not graceful and blamed:
                 task.deaths += 1
             if task.deaths > self.allowed_failures:
                 del self._tasks[task.key]
@@ -354,14 +423,26 @@ class Broker:
             still_ready: list[_Worker] = []
             for worker in ready:
                 take = min(worker.credit, share)
+                worker_full = False
                 batch: list[list[Any]] = []
                 functions: dict[str, bytes] = {}
+                cap = worker.slots * _LOAD_PER_SLOT
+                estimates = self._estimates
                 while take and queue:
-                    task = queue.popleft()
+                    task = queue[0]
                     if task.cancelled:
+                        queue.popleft()
                         continue
+                    cost = estimates.get(task.fid, _LOAD_PER_SLOT / 2)
+                    if worker.running and worker.load + cost > cap:
+                        worker_full = True
+                        break
+                    queue.popleft()
+                    task.cost = cost
+                    worker.load += cost
                     task.attempt += 1
                     task.worker = worker
+                    task.started = False
                     worker.running[task.key] = task
                     batch.append([task.key, task.attempt, task.fid, task.blob])
                     if task.fid not in worker.fids:
@@ -371,7 +452,7 @@ class Broker:
                 if batch:
                     worker.credit -= len(batch)
                     self._notify(worker.conn, "run", batch, functions)
-                if worker.credit > 0:
+                if worker.credit > 0 and not worker_full:
                     still_ready.append(worker)
                 if not queue:
                     break
@@ -387,7 +468,8 @@ class Broker:
             task.client.tasks.pop(task.tid, None)
             worker = task.worker
             if worker is not None:
-                worker.running.pop(task.key, None)
+                if worker.running.pop(task.key, None) is not None:
+                    worker.load = worker.load - task.cost if worker.running else 0.0
                 by_worker.setdefault(worker, []).append(task.key)
             self.stats["cancelled"] += 1
         for worker, keys in by_worker.items():
@@ -463,6 +545,7 @@ class _Session:
         return {
             "worker_hello": self.worker_hello,
             "want": self.want,
+            "started": self.started,
             "done": self.done,
             "leaving": self.leaving,
             "client_hello": self.client_hello,
@@ -514,8 +597,11 @@ class _Session:
     def want(self, n: Any) -> None:
         self.broker._want(self._as_worker(), n)
 
-    def done(self, results: Any) -> None:
-        self.broker._done(self._as_worker(), results)
+    def started(self, keys: Any, estimates: Any = None) -> None:
+        self.broker._started(self._as_worker(), keys, estimates)
+
+    def done(self, results: Any, estimates: Any = None) -> None:
+        self.broker._done(self._as_worker(), results, estimates)
 
     def leaving(self) -> None:
         self._as_worker().leaving = True

@@ -2,9 +2,12 @@
 
 * ``async def`` functions run as tasks on the worker's event loop, many
   suspended at once (up to ``max_async``);
-* plain functions run in a thread pool of ``slots`` threads, off the loop, so
-  heartbeats never stall; small tasks go to a thread in batches (one
-  executor hop for many tasks), sized from the measured task duration;
+* plain functions run in ``slots`` task threads, off the loop, so heartbeats
+  never stall; small tasks go to a thread in batches (one hop for many
+  tasks), sized from each function's measured duration; a function measured
+  to take under 20 µs per call runs on the loop instead (the thread hop
+  would cost more than the call), and goes back to the threads for good if
+  one call takes over 1 ms;
 * the worker asks the broker for as many tasks as it can start soon: about
   ``prefetch`` seconds of work per slot, one or two for long tasks and
   hundreds for tiny ones;
@@ -21,15 +24,16 @@ as failures (F3).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import inspect
 import logging
 import math
 import os
+import queue
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -48,6 +52,19 @@ log = logging.getLogger("asyncdist.futures.worker")
 _PREFETCH_SECONDS = 0.02
 _BATCH_SECONDS = 0.005
 _MAX_PER_SLOT = 1024
+# A plain function whose calls took under _INLINE_BELOW seconds on average, over at least
+# _INLINE_AFTER calls, runs on the loop (no thread hop), at most _INLINE_BUDGET seconds per
+# loop iteration; one call over _INLINE_LIMIT sends it back to the threads for good.
+_INLINE_AFTER = 16
+_INLINE_BELOW = 20e-6
+_INLINE_LIMIT = 1e-3
+_INLINE_BUDGET = 2e-3
+_PLAIN_TYPES = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
+
+# A queued task: key, attempt, fid, function, args, kwargs.
+_Item = tuple[int, int, str, Callable[..., Any], list[Any], dict[str, Any]]
+# A finished task: key, attempt, fid, status, value, seconds.
+_Result = tuple[int, int, str, int, Any, float]
 
 _current: Worker | None = None
 
@@ -89,12 +106,20 @@ class Worker:
         self._payloads = PayloadCodec(authenticated=False)
         self._functions = FunctionCache(self._payloads)
         self._is_async: dict[str, bool] = {}
-        self._queue: deque[tuple[int, int, Callable[..., Any], list[Any], dict[str, Any]]] = deque()
+        self._queue: deque[_Item] = deque()
         self._async: dict[int, asyncio.Task[None]] = {}
         self._cancelled: set[int] = set()
         self._requested = 0
         self._free_threads = slots
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._inbox: queue.SimpleQueue[list[_Item] | None] = queue.SimpleQueue()
+        self._outq: deque[list[_Result]] = deque()
+        self._wake_pending = False
+        self._pump_pending = False
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        # fid -> [completed count, mean seconds (EWMA)]; async functions report 0
+        self._stats: dict[str, list[Any]] = {}
+        self._estimates_changed: set[str] = set()
+        self._demoted: set[str] = set()
         self._outbox: list[list[Any]] = []
         self._flush_pending = False
         self._ewma: float | None = None
@@ -112,9 +137,10 @@ class Worker:
         global _current
         loop = asyncio.get_running_loop()
         self._stopped = loop.create_future()
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            self.slots, thread_name_prefix="asyncdist-task"
-        )
+        self._loop = loop
+        for i in range(self.slots):
+            # Daemon threads: a task that never returns must not keep the process alive.
+            threading.Thread(target=self._runner, name=f"asyncdist-task-{i}", daemon=True).start()
         try:
             host, port = self.address
             self.conn = await connect(
@@ -163,9 +189,9 @@ class Worker:
             await asyncio.gather(*self._async.values(), return_exceptions=True)
         if self.conn is not None:
             await self.conn.close("worker stopping")
-        if self._executor is not None:
-            # Running plain tasks cannot be interrupted: do not wait for them here.
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        # Running plain tasks cannot be interrupted: the runners stop after their batch.
+        for _ in range(self.slots):
+            self._inbox.put(None)
 
     @property
     def busy_threads(self) -> int:
@@ -190,6 +216,7 @@ class Worker:
             self._functions.add(fid, blob)
         self._requested = max(0, self._requested - len(batch))
         loop = asyncio.get_running_loop()
+        started: list[int] = []
         for key, attempt, fid, blob in batch:
             try:
                 fn = self._functions.get(fid)
@@ -204,8 +231,13 @@ class Worker:
             if is_async:
                 task = loop.create_task(self._run_async(key, attempt, fn, args, kwargs))
                 self._async[key] = task
+                started.append(key)
+                if fid not in self._stats:
+                    self._stats[fid] = [0, 0.0]  # async tasks hold no slot: no cost for the broker
+                    self._estimates_changed.add(fid)
             else:
-                self._queue.append((key, attempt, fn, args, kwargs))
+                self._queue.append((key, attempt, fid, fn, args, kwargs))
+        self._announce(started)
         self._pump()
         self._request_more()
 
@@ -243,24 +275,71 @@ class Worker:
             self._cancelled.discard(key)
             self._request_more()
 
-    def _pump(self) -> None:
-        loop = asyncio.get_running_loop()
-        executor = self._executor
-        assert executor is not None
-        while self._free_threads > 0 and self._queue:
-            ewma = self._ewma
-            n = 1 if ewma is None else max(1, int(_BATCH_SECONDS / max(ewma, 1e-7)))
-            n = min(n, len(self._queue))
-            batch = [self._queue.popleft() for _ in range(n)]
-            self._free_threads -= 1
-            fut = loop.run_in_executor(executor, self._run_batch, batch)
-            fut.add_done_callback(self._batch_done)
+    def _inline_ok(self, fid: str) -> bool:
+        stats = self._stats.get(fid)
+        return (
+            stats is not None
+            and stats[0] >= _INLINE_AFTER
+            and stats[1] < _INLINE_BELOW
+            and fid not in self._demoted
+        )
 
-    def _run_batch(self, batch: list[Any]) -> list[tuple[int, int, int, Any, float]]:
-        # In a worker thread: no asyncio here.
-        out = []
+    def _pump(self) -> None:
+        """Start queued plain tasks: inline if measured tiny, else in batches on the runners."""
+        self._pump_pending = False
+        queue = self._queue
+        deadline = time.perf_counter() + _INLINE_BUDGET
+        while queue:
+            fid = queue[0][2]
+            if self._inline_ok(fid):
+                if time.perf_counter() > deadline:
+                    # Keep the loop responsive: go on in the next iteration.
+                    if not self._pump_pending:
+                        self._pump_pending = True
+                        asyncio.get_running_loop().call_soon(self._pump)
+                    return
+                batch = self._take(fid, 256)
+                self._announce([item[0] for item in batch])
+                self._handle(self._run_batch(batch, inline=True))
+                continue
+            if self._free_threads <= 0:
+                return
+            est = self._stats.get(fid)
+            n = 1 if est is None else max(1, int(_BATCH_SECONDS / max(est[1], 1e-7)))
+            batch = self._take(fid, n)
+            # Tell the broker before running them: if one of them kills this process,
+            # the tasks only queued here are not blamed for it.
+            self._announce([item[0] for item in batch])
+            self._free_threads -= 1
+            self._inbox.put(batch)
+
+    def _take(self, fid: str, limit: int) -> list[_Item]:
+        """Pop up to ``limit`` queued tasks of function ``fid`` from the head of the queue."""
+        queue = self._queue
+        batch: list[_Item] = []
+        while queue and len(batch) < limit and queue[0][2] == fid:
+            batch.append(queue.popleft())
+        return batch
+
+    def _runner(self) -> None:
+        """A task thread: run batches from the inbox, hand results back to the loop."""
+        while True:
+            batch = self._inbox.get()
+            if batch is None:
+                return
+            results = self._run_batch(batch)
+            self._outq.append(results)
+            if not self._wake_pending:
+                self._wake_pending = True
+                try:
+                    self._loop.call_soon_threadsafe(self._collect)
+                except RuntimeError:  # the loop is closed: the worker is gone
+                    return
+
+    def _run_batch(self, batch: list[_Item], inline: bool = False) -> list[_Result]:
+        out: list[_Result] = []
         cancelled = self._cancelled
-        for key, attempt, fn, args, kwargs in batch:
+        for key, attempt, fid, fn, args, kwargs in batch:
             if key in cancelled:
                 continue
             start = time.perf_counter()
@@ -269,25 +348,40 @@ class Worker:
                 status = STATUS_OK
             except Exception as exc:
                 value, status = exc, STATUS_ERROR
-            out.append((key, attempt, status, value, time.perf_counter() - start))
+            elapsed = time.perf_counter() - start
+            out.append((key, attempt, fid, status, value, elapsed))
+            if inline and elapsed > _INLINE_LIMIT:
+                # Too slow to run on the loop after all: threads from now on.
+                self._demoted.add(fid)
         return out
 
-    def _batch_done(self, fut: asyncio.Future[list[tuple[int, int, int, Any, float]]]) -> None:
-        self._free_threads += 1
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is not None:  # the executor itself failed (e.g. shut down)
-            log.error("task batch failed to run: %r", exc)
-            return
+    def _collect(self) -> None:
+        self._wake_pending = False
+        outq = self._outq
+        while outq:
+            results = outq.popleft()
+            self._free_threads += 1
+            self._handle(results)
+        if not self._stopping:
+            self._pump()
+            self._request_more()
+
+    def _handle(self, results: list[_Result]) -> None:
+        stats = self._stats
         total = 0.0
-        results = fut.result()
-        for key, attempt, status, value, elapsed in results:
+        for key, attempt, fid, status, value, elapsed in results:
             total += elapsed
+            entry = stats.get(fid)
+            if entry is None:
+                stats[fid] = [1, elapsed]
+            else:
+                entry[0] += 1
+                entry[1] = 0.8 * entry[1] + 0.2 * elapsed
+            self._estimates_changed.add(fid)
             if key in self._cancelled:
                 self._cancelled.discard(key)
                 continue
-            if status == STATUS_OK and inspect.isawaitable(value):
+            if status == STATUS_OK and type(value) not in _PLAIN_TYPES and inspect.isawaitable(value):
                 # A plain function that returned an awaitable: finish it on the loop.
                 loop = asyncio.get_running_loop()
                 self._async[key] = loop.create_task(self._await_value(key, attempt, value))
@@ -296,9 +390,6 @@ class Worker:
         if results:
             mean = total / len(results)
             self._ewma = mean if self._ewma is None else 0.7 * self._ewma + 0.3 * mean
-        if not self._stopping:
-            self._pump()
-            self._request_more()
 
     async def _await_value(self, key: int, attempt: int, aw: Any) -> None:
         async def inner() -> Any:
@@ -307,6 +398,19 @@ class Worker:
         await self._run_async(key, attempt, inner, [], {})
 
     # -- results and credit ------------------------------------------------------------
+
+    def _announce(self, keys: list[int]) -> None:
+        conn = self.conn
+        if keys and conn is not None and not conn.closed:
+            with contextlib.suppress(ConnectionClosed):
+                conn.notify_nowait("started", keys, self._take_estimates())
+                conn.flush()
+
+    def _take_estimates(self) -> dict[str, float]:
+        """Mean durations that changed since last sent (0 for async functions: no slot held)."""
+        estimates = {fid: float(self._stats[fid][1]) for fid in self._estimates_changed}
+        self._estimates_changed.clear()
+        return estimates
 
     def _result(self, key: int, attempt: int, status: int, value: Any) -> None:
         try:
@@ -328,7 +432,7 @@ class Worker:
         if conn is None or conn.closed:
             return
         with contextlib.suppress(ConnectionClosed):
-            conn.notify_nowait("done", batch)
+            conn.notify_nowait("done", batch, self._take_estimates())
             conn.flush()
 
     def _target(self) -> int:
