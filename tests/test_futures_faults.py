@@ -268,7 +268,9 @@ async def test_f1_sigkilled_worker_tasks_rerun_results_complete_ordered_once() -
         assert any(t.deaths == 1 for t in rerun), "the death was charged to no task"
         for task in on_victim:
             assert (task.attempt, task.deaths) in {(1, 0), (2, 0), (2, 1)}, (task.attempt, task.deaths)
-        assert stats["requeued"] == len(rerun)
+        # The broker may hand the victim more tasks between the snapshot and noticing its
+        # death: those are requeued too, so requeued can exceed the snapshot's re-runs.
+        assert stats["requeued"] >= len(rerun)
         assert worker_by_pid(broker, victim.pid) is None
 
 

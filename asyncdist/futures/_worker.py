@@ -110,7 +110,9 @@ class Worker:
         self._async: dict[int, asyncio.Task[None]] = {}
         self._cancelled: set[int] = set()
         self._requested = 0
-        self._free_threads = slots
+        # Each task thread gets its next batch while it runs the current one, so it never
+        # waits for the loop between tasks: two batches in hand per thread.
+        self._free_threads = 2 * slots
         self._inbox: queue.SimpleQueue[list[_Item] | None] = queue.SimpleQueue()
         self._outq: deque[list[_Result]] = deque()
         self._wake_pending = False
@@ -195,8 +197,8 @@ class Worker:
 
     @property
     def busy_threads(self) -> int:
-        """Threads running plain tasks right now."""
-        return self.slots - self._free_threads
+        """Batches of plain tasks handed to the task threads (at most two per thread)."""
+        return 2 * self.slots - self._free_threads
 
     # -- shared constants --------------------------------------------------------------
 
@@ -307,7 +309,7 @@ class Worker:
             est = self._stats.get(fid)
             n = 1 if est is None else max(1, int(_BATCH_SECONDS / max(est[1], 1e-7)))
             batch = self._take(fid, n)
-            # Tell the broker before running them: if one of them kills this process,
+            # Tell the broker before a thread takes them: if one of them kills this process,
             # the tasks only queued here are not blamed for it.
             self._announce([item[0] for item in batch])
             self._free_threads -= 1
