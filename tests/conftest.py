@@ -133,6 +133,14 @@ def _with_task_check(func: Callable[..., Awaitable[None]]) -> Callable[..., Awai
     return wrapper
 
 
+@pytest.fixture(autouse=True)
+def _no_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the developer's ASYNCDIST_* settings (secret, broker, loop)."""
+    for name in list(os.environ):
+        if name.startswith("ASYNCDIST_") and name != "ASYNCDIST_TEST_TIME_SCALE":
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture
 def secret() -> str:
     """A strong shared secret for tests."""

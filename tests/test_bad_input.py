@@ -50,6 +50,7 @@ from typing import Any
 import msgpack
 import pytest
 from _evil import EvilClient, FakeServer, RawPeer, ThrottleProxy, traced
+from _util import eventually
 
 from asyncdist import (
     AuthenticationError,
@@ -81,20 +82,6 @@ KIB = 1024
 MIB = 1 << 20
 
 pytestmark = pytest.mark.both_loops
-
-
-@pytest.fixture(autouse=True)
-def _no_secret_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("ASYNCDIST_SECRET", raising=False)
-    monkeypatch.delenv("ASYNCDIST_SECRET_FILE", raising=False)
-
-
-async def eventually(predicate: Callable[[], bool], message: str, timeout: float = 3.0) -> None:
-    """Wait (scaled ``timeout``) until ``predicate()`` holds; fail with ``message`` otherwise."""
-    try:
-        await poll_for(predicate, timeout * SCALE)
-    except TimeoutError:
-        raise AssertionError(f"{message} (waited {timeout * SCALE:g} s)") from None
 
 
 def now() -> float:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _util import eventually
 
 import asyncdist
 from asyncdist import (
@@ -39,20 +40,6 @@ SCALE = float(os.environ.get("ASYNCDIST_TEST_TIME_SCALE", "1"))
 PEER = Path(__file__).with_name("_peer.py")
 
 pytestmark = pytest.mark.both_loops
-
-
-@pytest.fixture(autouse=True)
-def _no_secret_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("ASYNCDIST_SECRET", raising=False)
-    monkeypatch.delenv("ASYNCDIST_SECRET_FILE", raising=False)
-
-
-async def eventually(predicate: Callable[[], bool], message: str, timeout: float = 2.0) -> None:
-    """Wait (scaled ``timeout``) until ``predicate()`` holds; fail with ``message`` otherwise."""
-    try:
-        await poll_for(predicate, timeout * SCALE)
-    except TimeoutError:
-        raise AssertionError(f"{message} (waited {timeout * SCALE:g} s)") from None
 
 
 async def finish(task: asyncio.Task[Any], timeout: float, what: str) -> None:

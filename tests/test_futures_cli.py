@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -13,42 +14,20 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import _futures_tasks as T
 import pytest
+from _util import alive, cpu_count
+from _util import eventually as _eventually
 
 from asyncdist import AuthenticationError, Pool
-from asyncdist.testing import poll_for
 
 SCALE = float(os.environ.get("ASYNCDIST_TEST_TIME_SCALE", "1"))
 TESTS = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(autouse=True)
-def _no_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("ASYNCDIST_SECRET", "ASYNCDIST_SECRET_FILE", "ASYNCDIST_BROKER", "ASYNCDIST_LOOP"):
-        monkeypatch.delenv(name, raising=False)
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def alive(pid: int) -> bool:
-    """True if process ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -76,11 +55,7 @@ def env_with_tests_on_path() -> dict[str, str]:
     return env
 
 
-async def eventually(predicate: Callable[[], Any], message: str, timeout: float = 10.0) -> None:
-    try:
-        await poll_for(predicate, timeout * SCALE, interval=0.02)
-    except TimeoutError:
-        raise AssertionError(f"{message} (waited {timeout * SCALE:g} s)") from None
+eventually = functools.partial(_eventually, timeout=10.0)
 
 
 @contextlib.asynccontextmanager

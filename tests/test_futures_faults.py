@@ -20,12 +20,13 @@ import os
 import random
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
 import _futures_tasks as T
 import pytest
+from _util import eventually
 
 from asyncdist import Pool
 from asyncdist.connection import Options
@@ -39,7 +40,7 @@ from asyncdist.errors import (
 )
 from asyncdist.futures import serve_broker
 from asyncdist.futures._broker import Broker
-from asyncdist.testing import FaultProxy, poll_for
+from asyncdist.testing import FaultProxy
 
 SCALE = float(os.environ.get("ASYNCDIST_TEST_TIME_SCALE", "1"))
 TASKS = Path(T.__file__).resolve()
@@ -52,21 +53,7 @@ HB_BOUND = HB["heartbeat_timeout"] + 2 * HB["heartbeat_interval"] + 0.5 * SCALE
 PROMPT = 3.0 * SCALE
 
 
-@pytest.fixture(autouse=True)
-def _no_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("ASYNCDIST_SECRET", "ASYNCDIST_SECRET_FILE", "ASYNCDIST_BROKER", "ASYNCDIST_LOOP"):
-        monkeypatch.delenv(name, raising=False)
-
-
 # -- helpers ------------------------------------------------------------------------------
-
-
-async def eventually(predicate: Callable[[], Any], message: str, timeout: float = 5.0) -> None:
-    """Wait until ``predicate()`` is true; fail with ``message`` after ``timeout`` (scaled) s."""
-    try:
-        await poll_for(predicate, timeout * SCALE)
-    except TimeoutError:
-        raise AssertionError(f"{message} (waited {timeout * SCALE:g} s)") from None
 
 
 async def finish(aw: Awaitable[Any], timeout: float, what: str) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import uvloop
+from _util import eventually
 
 import asyncdist
 from asyncdist import (
@@ -33,24 +34,9 @@ from asyncdist import (
     serve,
 )
 from asyncdist.security import WeakSecretWarning
-from asyncdist.testing import connection_pair, poll_for
+from asyncdist.testing import connection_pair
 
 SCALE = float(os.environ.get("ASYNCDIST_TEST_TIME_SCALE", "1"))
-
-
-@pytest.fixture(autouse=True)
-def _no_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("ASYNCDIST_SECRET", raising=False)
-    monkeypatch.delenv("ASYNCDIST_SECRET_FILE", raising=False)
-    monkeypatch.delenv("ASYNCDIST_LOOP", raising=False)
-
-
-async def eventually(predicate: Callable[[], bool], message: str, timeout: float = 2.0) -> None:
-    """Wait (scaled ``timeout``) until ``predicate()`` holds; fail with ``message`` otherwise."""
-    try:
-        await poll_for(predicate, timeout * SCALE)
-    except TimeoutError:
-        raise AssertionError(f"{message} (waited {timeout * SCALE:g} s)") from None
 
 
 def echo(x: Any) -> Any:

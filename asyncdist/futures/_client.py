@@ -21,7 +21,7 @@ import signal
 import sys
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from ..connection import Connection, connect, parse_address
@@ -142,14 +142,19 @@ class _Job:
         waiting = self.pool._waiting
         return [tid for tid in range(self.base, self.base + self.n) if waiting.get(tid) is self]
 
-    def abandon(self) -> None:
-        """Cancel every task of the job that has not finished."""
+    def close(self) -> None:
+        """Cancel every task of the job that has not finished; close its progress bar."""
         tids = self.pending_tids()
         if tids:
             self.pool._cancel(tids)
+        if self.progress is not None:
+            self.progress.close()
 
-    async def arrivals(self) -> AsyncIterator[tuple[int, Any]]:
-        """Yield ``(index, value)`` as results arrive; raise the first task error."""
+    async def arrivals(self, deadline: float | None) -> AsyncGenerator[tuple[int, Any], None]:
+        """Yield ``(index, value)`` as results arrive; raise the first task error.
+
+        Past ``deadline`` (loop time), the next wait raises TimeoutError.
+        """
         while True:
             while self.arrived:
                 yield self.arrived.popleft()
@@ -159,7 +164,8 @@ class _Job:
                 return
             self.waiter = self.pool._loop.create_future()
             try:
-                await self.waiter
+                async with asyncio.timeout_at(deadline):
+                    await self.waiter
             finally:
                 self.waiter = None
 
@@ -694,15 +700,29 @@ class Pool:
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(job.finished)
-        except BaseException:
-            job.abandon()
-            raise
         finally:
-            if job.progress is not None:
-                job.progress.close()
+            job.close()
         if job.error is not None:
             raise job.error
         return job.results
+
+    async def _arrivals(
+        self,
+        fn: Callable[..., Any],
+        iterables: Sequence[Iterable[Any]],
+        timeout: float | None,
+        progress: bool,
+    ) -> AsyncGenerator[tuple[_Job, int, Any], None]:
+        """Start a job and yield ``(job, index, value)`` as results arrive; clean up at the end."""
+        await self._ensure_link()
+        job = self._start_job(fn, iterables, progress)
+        deadline = None if timeout is None else self._loop.time() + timeout
+        try:
+            async with contextlib.aclosing(job.arrivals(deadline)) as arrivals:
+                async for index, value in arrivals:
+                    yield job, index, value
+        finally:
+            job.close()
 
     async def map_as_completed(
         self,
@@ -713,16 +733,9 @@ class Pool:
         progress: bool = False,
     ) -> AsyncIterator[Any]:
         """Yield ``fn(*args)`` results in the order they complete."""
-        await self._ensure_link()
-        job = self._start_job(fn, iterables, progress)
-        try:
-            async with asyncio.timeout(timeout):
-                async for _, value in job.arrivals():
-                    yield value
-        finally:
-            job.abandon()
-            if job.progress is not None:
-                job.progress.close()
+        async with contextlib.aclosing(self._arrivals(fn, iterables, timeout, progress)) as arrivals:
+            async for _, _, value in arrivals:
+                yield value
 
     async def map_reduce(
         self,
@@ -738,20 +751,15 @@ class Pool:
         Neighbouring results are merged as soon as both are known, a tree of
         reductions in input order, so ``reduction`` need not be commutative.
         """
-        await self._ensure_link()
-        job = self._start_job(fn, iterables, progress)
-        if job.n == 0:
-            raise TypeError("map_reduce() of an empty sequence has no value")
         merger = _Merger(reduction)
-        try:
-            async with asyncio.timeout(timeout):
-                async for index, value in job.arrivals():
-                    merger.add(index, value)
-        finally:
-            job.abandon()
-            if job.progress is not None:
-                job.progress.close()
-        return merger.result(job.n)
+        n = 0
+        async with contextlib.aclosing(self._arrivals(fn, iterables, timeout, progress)) as arrivals:
+            async for job, index, value in arrivals:
+                n = job.n
+                merger.add(index, value)
+        if not n:
+            raise TypeError("map_reduce() of an empty sequence has no value")
+        return merger.result(n)
 
     async def map_scan(
         self,
@@ -763,21 +771,14 @@ class Pool:
         progress: bool = False,
     ) -> list[Any]:
         """Map, then the running reductions: ``[r0, red(r0, r1), red(red(r0, r1), r2), ...]``."""
-        await self._ensure_link()
-        job = self._start_job(fn, iterables, progress)
         scanned: list[Any] = []
         arrived: set[int] = set()
-        try:
-            async with asyncio.timeout(timeout):
-                async for index, _ in job.arrivals():
-                    arrived.add(index)
-                    while len(scanned) in arrived:  # extend the prefix known so far
-                        value = job.results[len(scanned)]
-                        scanned.append(value if not scanned else reduction(scanned[-1], value))
-        finally:
-            job.abandon()
-            if job.progress is not None:
-                job.progress.close()
+        async with contextlib.aclosing(self._arrivals(fn, iterables, timeout, progress)) as arrivals:
+            async for job, index, _ in arrivals:
+                arrived.add(index)
+                while len(scanned) in arrived:  # extend the prefix known so far
+                    value = job.results[len(scanned)]
+                    scanned.append(value if not scanned else reduction(scanned[-1], value))
         return scanned
 
     async def shared_set(self, name: str, value: Any) -> None:

@@ -1,0 +1,38 @@
+"""Helpers shared by the tests: processes and waiting."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from asyncdist.testing import poll_for
+
+#: Multiply every test delay and bound by this (slow machines: 2 or more).
+SCALE = float(os.environ.get("ASYNCDIST_TEST_TIME_SCALE", "1"))
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (what asyncdist uses as its default worker count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def alive(pid: int) -> bool:
+    """True if process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def eventually(predicate: Callable[[], Any], message: str, timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` (maybe async) holds; fail with ``message`` after ``timeout`` s (scaled)."""
+    try:
+        await poll_for(predicate, timeout * SCALE, interval=0.02)
+    except TimeoutError:
+        raise AssertionError(f"{message} (waited {timeout * SCALE:g} s)") from None
