@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -36,3 +38,16 @@ async def eventually(predicate: Callable[[], Any], message: str, timeout: float 
         await poll_for(predicate, timeout * SCALE, interval=0.02)
     except TimeoutError:
         raise AssertionError(f"{message} (waited {timeout * SCALE:g} s)") from None
+
+
+async def stop(proc: asyncio.subprocess.Process, timeout: float = 10.0) -> None:
+    """Terminate ``proc`` if it still runs and reap it (SIGKILL after ``timeout`` s, scaled)."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+    try:
+        async with asyncio.timeout(timeout * SCALE):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()

@@ -25,7 +25,7 @@ from typing import Any
 
 import _futures_tasks as T
 import pytest
-from _util import alive, cpu_count, eventually
+from _util import alive, cpu_count, eventually, stop
 
 import asyncdist
 from asyncdist import (
@@ -87,15 +87,7 @@ async def hand_worker(address: str, log: Path, *options: str) -> AsyncIterator[a
     try:
         yield proc
     finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-        try:
-            async with asyncio.timeout(10 * SCALE):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        await stop(proc)
 
 
 def write_secret(path: Path, secret: bytes) -> Path:

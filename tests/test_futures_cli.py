@@ -20,7 +20,7 @@ from typing import Any
 
 import _futures_tasks as T
 import pytest
-from _util import alive, cpu_count
+from _util import alive, cpu_count, stop
 from _util import eventually as _eventually
 
 from asyncdist import AuthenticationError, Pool
@@ -70,15 +70,7 @@ async def process(
     try:
         yield proc
     finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-        try:
-            async with asyncio.timeout(10 * SCALE):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        await stop(proc)
 
 
 async def exit_code(proc: asyncio.subprocess.Process, timeout: float = 10.0) -> int:
