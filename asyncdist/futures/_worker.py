@@ -502,9 +502,10 @@ async def run_worker(
         broker, slots=slots, secret=secret, secret_file=secret_file, ssl=ssl, name=name, **connect_options
     )
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, worker.stop)
+    # Event-loop signal handlers exist on Unix only (and in the main thread).
+    signals = (signal.SIGTERM, signal.SIGINT) if os.name == "posix" and _main_thread() else ()
+    for sig in signals:
+        loop.add_signal_handler(sig, worker.stop)
     watcher = asyncio.ensure_future(_watch_stdin(worker)) if watch_stdin else None
     try:
         await worker.run()
@@ -513,10 +514,13 @@ async def run_worker(
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
+        for sig in signals:
+            loop.remove_signal_handler(sig)
     return 0
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 async def _watch_stdin(worker: Worker) -> None:
