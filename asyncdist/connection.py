@@ -37,6 +37,7 @@ import functools
 import inspect
 import logging
 import os
+import socket
 import ssl as _ssl
 import time
 import weakref
@@ -255,6 +256,7 @@ class Connection(asyncio.BufferedProtocol):
         self._ping_sent_at: float | None = None
         #: Round-trip time of the last PING, in seconds (None before the first PONG).
         self.rtt: float | None = None
+        self._quickack: Callable[[], None] | None = None
 
     # -- public API --------------------------------------------------------------------
 
@@ -450,8 +452,20 @@ class Connection(asyncio.BufferedProtocol):
             # Large bytes values go out by reference: no copy of them is made here.
             n = sum(len(p) for p in parts)
             self._check_size(n)
-            self._wbuf.append(_pack_header(n))
-            self._wbuf.extend(parts)
+            # The header, the msgpack around the payload and the payload's first 64 KiB go out
+            # in one write, so that no tiny segment precedes the bulk of it.
+            head = [_pack_header(n)]
+            rest: list[bytes | memoryview] = []
+            for part in parts:
+                if rest or len(part) > _SMALL_FRAME:
+                    if not rest:
+                        head.append(bytes(part[:_SMALL_FRAME]))
+                        part = part[_SMALL_FRAME:]
+                    rest.append(part)
+                else:
+                    head.append(bytes(part))
+            self._wbuf.append(b"".join(head))
+            self._wbuf.extend(rest)
             self._wbuf_bytes += n
             self._wbuf_large = True
         if not self._flush_pending:
@@ -540,6 +554,14 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t = cast(asyncio.Transport, transport)
         self._transport = t
+        sock = t.get_extra_info("socket")
+        self._quickack = None
+        if (
+            sock is not None
+            and sock.family in (socket.AF_INET, socket.AF_INET6)
+            and hasattr(socket, "TCP_QUICKACK")
+        ):
+            self._quickack = functools.partial(sock.setsockopt, socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         self.remote_address = transport.get_extra_info("peername")
         self.local_address = transport.get_extra_info("sockname")
         self._timer = self._loop.call_later(self.options.handshake_timeout, self._handshake_expired)
@@ -554,7 +576,10 @@ class Connection(asyncio.BufferedProtocol):
         self._finalize()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._decoder.get_buffer()
+        decoder = self._decoder
+        if self._quickack is not None and decoder._body is not None:
+            self._quickack()
+        return decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         self._last_recv = self._loop.time()
