@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import select
 import signal
 import subprocess
@@ -318,6 +319,24 @@ async def wait_for_termination() -> None:
 
 
 # -- output -----------------------------------------------------------------------------------
+
+
+def versions(*packages: str) -> dict[str, str | None]:
+    """Python's version and each installed package's (None when it is missing)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in packages:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def format_versions(found: dict[str, str | None]) -> str:
+    """The ``versions: ...`` line of a report."""
+    return "versions: " + ", ".join(f"{k} {val}" for k, val in found.items() if val)
 
 
 def fmt_number(value: float | None, digits: int = 0, missing: str = "n/a") -> str:

@@ -53,7 +53,6 @@ import asyncio
 import contextlib
 import importlib.util
 import os
-import platform
 import socket
 import struct
 import sys
@@ -77,11 +76,16 @@ from _harness import (
     exit_when_parent_exits,
     fmt_number,
     format_table,
+    format_versions,
     pin_to_cpu,
     run_async,
     run_for,
+    versions,
     wait_for_termination,
 )
+
+#: Packages whose versions each report names.
+VERSIONS_OF = ("asyncdist", "uvloop", "msgpack", "Pyro5")
 
 WINDOW = 64  # calls in flight for (b)
 PYRO_THREADS = 8  # Pyro5's stand-in for (b)
@@ -837,18 +841,6 @@ def run_one(name: str, s: Settings, pin: int | None, profile_dir: str | None) ->
         return Figures(error=f"failed: {detail}")
 
 
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("asyncdist", "uvloop", "msgpack", "Pyro5"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def report(
     results: dict[str, Figures], ratios: list[Ratio], s: Settings, pin: int | None, elapsed: float
 ) -> None:
@@ -857,7 +849,7 @@ def report(
         if pin is not None
         else f"unpinned: client and server processes free to use the {len(os.sched_getaffinity(0))} CPUs"
     )
-    v = _versions()
+    v = versions(*VERSIONS_OF)
     print()
     print("asyncdist connection benchmark")
     print(f"mode: {mode}")
@@ -865,7 +857,7 @@ def report(
         f"each figure: best of {s.repeat} run(s) of {s.duration:g} s, {s.warmup:g} s warm-up first; "
         f"whole run {elapsed:.0f} s"
     )
-    print("versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val))
+    print(format_versions(v))
     print()
     headers = [
         "implementation",
@@ -989,7 +981,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "pipelined_calls_per_s": "echo(1) calls per second, concurrency per pipelined_mode",
                 "bulk_mb_per_s": "1 MiB bytes echo, payload bytes one way per second / 1e6",
             },
-            "versions": _versions(),
+            "versions": versions(*VERSIONS_OF),
             "elapsed_s": round(elapsed, 1),
             "results": {name: asdict(fig) for name, fig in results.items()},
             "ratios": {r.key: asdict(r) for r in ratios},

@@ -57,7 +57,6 @@ import logging
 import math
 import operator
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -76,8 +75,13 @@ from _harness import (
     exit_when_parent_exits,
     fmt_number,
     format_table,
+    format_versions,
     pin_to_cpu,
+    versions,
 )
+
+#: Packages whose versions each report names.
+VERSIONS_OF = ("asyncdist", "uvloop", "msgpack", "cloudpickle", "distributed")
 
 WORKERS = 2
 MEASURES = ("a", "b", "c", "d")
@@ -906,18 +910,6 @@ def compute_checks(results: dict[str, Row], s: Settings) -> list[Check]:
     return checks
 
 
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("asyncdist", "uvloop", "msgpack", "cloudpickle", "distributed"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def _fmt_value(c: Check) -> str:
     if c.value is None:
         return "n/a"
@@ -957,7 +949,7 @@ def report(
         if pin is not None
         else f"unpinned: every process free to use the {len(os.sched_getaffinity(0))} CPUs"
     )
-    v = _versions()
+    v = versions(*VERSIONS_OF)
     print()
     quick = " (--quick: sizes scaled down, targets indicative)" if s.quick else ""
     print(f"asyncdist futures benchmark{quick}")
@@ -970,7 +962,7 @@ def report(
         f"each figure: best of up to {s.repeat} run(s) within {s.budget:g} s, after a warm-up run; "
         f"whole run {elapsed:.0f} s"
     )
-    print("versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val))
+    print(format_versions(v))
     print()
     headers = [
         "implementation",
@@ -1123,7 +1115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "c_overhead_pct": "c_wall_s over the ideal (n * 10 ms / workers), in %",
                 "d_wall_s": "wall s of the Monte Carlo pi map and sum",
             },
-            "versions": _versions(),
+            "versions": versions(*VERSIONS_OF),
             "elapsed_s": round(elapsed, 1),
             "families": {
                 n: {"start_s": f.start_s, "error": f.error, "info": f.info} for n, f in families.items()
