@@ -18,12 +18,14 @@ from .errors import (
     ConnectionClosed,
     ConnectionClosedError,
     ConnectionClosedOK,
+    NamingError,
     NoWorkersError,
     ProtocolError,
     RemoteError,
     SerializationError,
     TLSError,
     UnknownMethodError,
+    UnknownObjectError,
     WorkerLost,
     register_error,
 )
@@ -43,6 +45,8 @@ from .futures import (
     wait,
 )
 from .loop import run
+from .naming import locate_ns
+from .objects import Daemon, Proxy, behavior, expose, oneway
 from .server import Server, serve
 
 __all__ = [
@@ -57,13 +61,16 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionClosedError",
     "ConnectionClosedOK",
+    "Daemon",
     "FIRST_COMPLETED",
     "FIRST_EXCEPTION",
+    "NamingError",
     "NoWorkersError",
     "ObjectRef",
     "Options",
     "Pool",
     "ProtocolError",
+    "Proxy",
     "RemoteError",
     "SerializationError",
     "Server",
@@ -71,15 +78,20 @@ __all__ = [
     "TLSError",
     "TaskFuture",
     "UnknownMethodError",
+    "UnknownObjectError",
     "WorkerLost",
     "__version__",
     "as_completed",
+    "behavior",
     "connect",
     "current_connection",
+    "expose",
+    "locate_ns",
     "map",
     "map_as_completed",
     "map_reduce",
     "map_scan",
+    "oneway",
     "parse_address",
     "register_error",
     "register_type",

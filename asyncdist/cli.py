@@ -7,6 +7,7 @@
     asyncdist secret [--file PATH]
     asyncdist broker [--host 127.0.0.1] [--port 5555] [--secret-file F] [--insecure] [TLS]
     asyncdist worker --broker HOST:PORT [--slots N] [--secret-file F | --secret-stdin] [TLS]
+    asyncdist ns [--host 127.0.0.1] [--port 9090] [--storage FILE] [--autoclean S] [TLS]
     asyncdist run [-n N] script.py [args...]        (also: python -m asyncdist [-n N] script.py)
     asyncdist-worker ...                            (the same as asyncdist worker ...)
 
@@ -147,6 +148,31 @@ async def _serve_until_signal(server: Any) -> None:
         await server.aclose()
 
 
+def _cmd_ns(args: argparse.Namespace) -> int:
+    from .loop import run
+    from .naming import NameServerDaemon
+
+    async def main() -> None:
+        nsd = NameServerDaemon(
+            args.host,
+            args.port,
+            secret_file=args.secret_file,
+            ssl=_ssl_context(args, server=True),
+            insecure=args.insecure,
+            storage=args.storage,
+            max_entries=args.max_entries,
+            autoclean=args.autoclean,
+            **parse_options(args.option),
+        )
+        await nsd.start()
+        stored = f", storage {args.storage}" if args.storage else " (in memory: not persistent)"
+        print(f"asyncdist name server at {nsd.uri}{stored}", flush=True)
+        await _serve_until_signal(nsd)
+
+    run(main())
+    return 0
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from .futures import run_worker
     from .futures._worker import import_main
@@ -261,6 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option_argument(p)
     _add_security(p, server=False)
     p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("ns", help="run a name server for remote objects (also: python -m asyncdist.naming)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9090, help="port to listen on (default 9090; 0: any)")
+    p.add_argument("--storage", help="keep registrations in this sqlite file (survive restarts)")
+    p.add_argument("--autoclean", type=float, help="remove registrations of dead daemons every S seconds")
+    p.add_argument("--max-entries", type=int, default=100_000, help="registration cap (default 100000)")
+    _add_option_argument(p)
+    _add_security(p, server=True)
+    p.set_defaults(func=_cmd_ns)
 
     p = sub.add_parser("run", help="run a script on a local cluster (like python -m asyncdist)")
     _add_run_arguments(p)

@@ -213,15 +213,31 @@ class Codec:
     msgpack cannot carry may be sent pickled; a connection sets it only once
     the peer has authenticated and announced that it accepts pickles.
     Without it, such values raise :class:`SerializationError`.
+
+    Two hooks let a paradigm send some objects by reference: ``ref_encoder``
+    is offered every value msgpack, the built-in extension types and
+    registered types cannot carry, and returns an :class:`ObjectRef` for it
+    (or None to decline); ``ref_decoder`` turns every :class:`ObjectRef`
+    decoded into what the application sees (a proxy). Both default to None.
     """
 
-    __slots__ = ("_depth", "_lenient", "_packer", "accept_pickle", "send_pickle")
+    __slots__ = (
+        "_depth",
+        "_lenient",
+        "_packer",
+        "accept_pickle",
+        "ref_decoder",
+        "ref_encoder",
+        "send_pickle",
+    )
 
     def __init__(self, *, accept_pickle: PicklePolicy = "refuse", send_pickle: bool = False) -> None:
         if accept_pickle not in ("refuse", "opaque", "load"):
             raise ValueError(f"accept_pickle must be 'refuse', 'opaque' or 'load', not {accept_pickle!r}")
         self.accept_pickle: PicklePolicy = accept_pickle
         self.send_pickle = send_pickle
+        self.ref_encoder: Callable[[Any], ObjectRef | None] | None = None
+        self.ref_decoder: Callable[[ObjectRef], Any] | None = None
         self._packer = msgpack.Packer(default=self._default, use_bin_type=True, strict_types=True)
         self._depth = 0
         self._lenient = False
@@ -316,6 +332,10 @@ class Codec:
             return msgpack.ExtType(EXT_REGISTERED, self._nested([reg.tag, reg.encode(obj)]))
         if isinstance(obj, BaseException):
             return msgpack.ExtType(EXT_ERROR, self._nested(self.exception_fields(obj)))
+        if self.ref_encoder is not None:
+            ref = self.ref_encoder(obj)
+            if ref is not None:
+                return msgpack.ExtType(EXT_REF, self._nested([ref.uri, ref.meta]))
         # Subclasses of msgpack's own types travel as their base type (IntEnum, OrderedDict...),
         # except where pickling would keep them whole.
         if not self.send_pickle:
@@ -429,7 +449,10 @@ class Codec:
             f = self._inner(data)
             if not (type(f) is list and len(f) == 2 and type(f[0]) is str and type(f[1]) is dict):
                 raise ProtocolError("bad object-reference payload")
-            return ObjectRef(f[0], f[1])
+            ref = ObjectRef(f[0], f[1])
+            if self.ref_decoder is not None:
+                return self.ref_decoder(ref)
+            return ref
         if code == EXT_BIGINT:
             if not 0 < len(data) <= MAX_BIGINT_BYTES:
                 raise ProtocolError("bad big-int payload")

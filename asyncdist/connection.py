@@ -48,7 +48,7 @@ from types import CoroutineType
 from typing import Any, Final, Generic, TypeVar, cast
 
 from . import protocol as P
-from .codec import Codec, PicklePolicy
+from .codec import Codec, ObjectRef, PicklePolicy
 from .errors import (
     AsyncDistError,
     AuthenticationError,
@@ -257,6 +257,12 @@ class Connection(asyncio.BufferedProtocol):
         #: Round-trip time of the last PING, in seconds (None before the first PONG).
         self.rtt: float | None = None
         self._quickack: Callable[[], None] | None = None
+        self._ref_hooks: tuple[
+            Callable[[Any], ObjectRef | None] | None, Callable[[ObjectRef], Any] | None
+        ] = (
+            None,
+            None,
+        )
 
     # -- public API --------------------------------------------------------------------
 
@@ -282,6 +288,24 @@ class Connection(asyncio.BufferedProtocol):
             callback(self)
         else:
             self._close_callbacks.append(callback)
+
+    def set_ref_hooks(
+        self,
+        encode: Callable[[Any], ObjectRef | None] | None,
+        decode: Callable[[ObjectRef], Any] | None,
+    ) -> None:
+        """Send some values by reference on this connection (see :class:`~asyncdist.codec.Codec`).
+
+        ``encode`` gets each value the codec cannot carry and returns an
+        :class:`ObjectRef` for it, or None; ``decode`` maps each received
+        :class:`ObjectRef` to the value handlers and callers see. Set them
+        before the peer may send references (in a server's handler factory,
+        or right after :func:`connect`).
+        """
+        self._ref_hooks = (encode, decode)
+        if self._codec is not _PREAUTH_CODEC:  # open: else _open() installs them
+            self._codec.ref_encoder = encode
+            self._codec.ref_decoder = decode
 
     async def call(self, name: str, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call the peer's handler ``name`` and return its result.
@@ -693,6 +717,7 @@ class Connection(asyncio.BufferedProtocol):
             accept_pickle=self.options.accept_pickle if self.authenticated else "refuse",
             send_pickle=self.authenticated and peer.pickle != "refuse",
         )
+        self._codec.ref_encoder, self._codec.ref_decoder = self._ref_hooks
         self._decoder.resize_scratch(_SCRATCH)
         self._decoder.max_frame_size = self.options.max_frame_size
         self._decoder.batch = 0

@@ -18,7 +18,11 @@
     ├── UnknownMethodError            the peer has no handler of that name (also AttributeError)
     ├── ConfigurationError            a setting is unsafe or invalid (also a builtin ValueError)
     ├── WorkerLost                    a task's worker died too many times (futures)
-    └── NoWorkersError                no worker joined within no_workers_timeout (futures)
+    ├── NoWorkersError                no worker joined within no_workers_timeout (futures)
+    ├── NamingError                   a name is not registered, or the name server refused it
+    │                                 (objects; also a builtin LookupError)
+    └── UnknownObjectError            no object with that id is registered in the daemon
+                                      (objects; also a builtin LookupError)
 
 Timeouts are the builtin :class:`TimeoutError`, as raised by :func:`asyncio.timeout`.
 
@@ -47,12 +51,14 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionClosedError",
     "ConnectionClosedOK",
+    "NamingError",
     "NoWorkersError",
     "ProtocolError",
     "RemoteError",
     "SerializationError",
     "TLSError",
     "UnknownMethodError",
+    "UnknownObjectError",
     "WorkerLost",
     "register_error",
     "rebuild_exception",
@@ -129,6 +135,14 @@ class WorkerLost(AsyncDistError):
 
 class NoWorkersError(AsyncDistError):
     """Tasks were queued and no worker was connected for ``no_workers_timeout`` seconds."""
+
+
+class NamingError(AsyncDistError, LookupError):
+    """A name is not registered with the name server, or the name server refused a request."""
+
+
+class UnknownObjectError(AsyncDistError, LookupError):
+    """The daemon has no object registered under the requested id (never registered, or gone)."""
 
 
 class RemoteError(AsyncDistError):
@@ -236,5 +250,7 @@ for _cls in (
     BrokerLost,
     WorkerLost,
     NoWorkersError,
+    NamingError,
+    UnknownObjectError,
 ):
     register_error(_cls)
