@@ -1,0 +1,11 @@
+"""Server 2 of the seed's chain: 1 -> 2 -> 3 -> 1. Run after `asyncdist ns`."""
+
+from chain_topology import serve
+
+import asyncdist
+
+this = "2"
+next = "3"
+
+if __name__ == "__main__":
+    asyncdist.run(serve(this, next))
