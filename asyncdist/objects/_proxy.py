@@ -111,6 +111,8 @@ class Session:
         self.executor = executor
         self.secret = secret
         self.ssl = ssl
+        #: The proxy that opened this connection (client side), kept alive by proxies derived from it.
+        self.owner: weakref.ref[Proxy] | None = None
         self.loop = asyncio.get_running_loop()
         # Objects sent over this connection by reference: oid -> [object, references sent].
         self.exported: dict[str, list[Any]] = {}
@@ -234,6 +236,10 @@ class Session:
         return self.run_plain(setattr, obj, name, value)
 
     def _h_meta(self, oid: Any) -> dict[str, list[str]]:
+        daemon = self.daemon
+        reg = daemon._registry.get(oid) if daemon is not None and type(oid) is str else None
+        if reg is not None:
+            return reg.info.meta  # without making an instance (percall, session)
         obj, info = self.target(oid)
         if info is None:
             return obj._meta_dict()  # type: ignore[no-any-return]
@@ -458,6 +464,7 @@ class Proxy:
     _oneways: frozenset[str]
     _lock: asyncio.Lock | None
     _finalizer: weakref.finalize[Any, Any] | None
+    _parent: Proxy | None
 
     def __init__(
         self,
@@ -494,6 +501,7 @@ class Proxy:
         s(self, "_oneways", frozenset())
         s(self, "_lock", None)
         s(self, "_finalizer", None)
+        s(self, "_parent", None)
 
     @classmethod
     def _bound(cls, session: Session, oid: str, meta: Any, *, uri: URI | None = None) -> Proxy:
@@ -513,6 +521,9 @@ class Proxy:
         s(proxy, "_own", False)
         s(proxy, "_lock", None)
         s(proxy, "_finalizer", None)
+        # A proxy that arrived over another proxy's connection keeps that proxy (and so the
+        # connection) alive.
+        s(proxy, "_parent", session.owner() if session.owner is not None else None)
         proxy._set_meta(meta)
         return proxy
 
@@ -578,10 +589,8 @@ class Proxy:
 
     async def _invoke(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         conn = self._conn
-        if conn is None or conn.closed or self._meta is None:
+        if conn is None or conn.closed or self._meta is None or conn._loop is not asyncio.get_running_loop():
             conn = await self._ensure()
-        elif conn._loop is not asyncio.get_running_loop():
-            raise RuntimeError(f"{self!r} belongs to another event loop; make a new Proxy in this one")
         if name in self._oneways:
             await conn.notify("o.note", self._oid, name, *args, **kwargs)
             return None
@@ -592,9 +601,7 @@ class Proxy:
         return await self._invoke(check_member_name(name), args, kwargs)
 
     async def _stream(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> AsyncIterator[Any]:
-        conn = self._conn
-        if conn is None or conn.closed or self._meta is None:
-            conn = await self._ensure()
+        conn = await self._ready()
         async with conn.stream("o.iter", self._oid, name, *args, **kwargs) as items:
             async for item in items:
                 yield item
@@ -609,7 +616,7 @@ class Proxy:
 
     async def _ready(self) -> Connection:
         conn = self._conn
-        if conn is None or conn.closed or self._meta is None:
+        if conn is None or conn.closed or self._meta is None or conn._loop is not asyncio.get_running_loop():
             conn = await self._ensure()
         return conn
 
@@ -649,6 +656,15 @@ class Proxy:
         return {k: sorted(meta.get(k, ())) for k in _META_KEYS}
 
     async def _ensure(self) -> Connection:
+        conn = self._conn
+        if conn is not None and conn._loop is not asyncio.get_running_loop():
+            if not conn._loop.is_closed():
+                raise RuntimeError(f"{self!r} is connected in another event loop; make a new Proxy here")
+            # Its loop is gone (an earlier asyncio.run): start afresh in this one.
+            object.__setattr__(self, "_conn", None)
+            object.__setattr__(self, "_lock", None)
+            if not self._own:
+                object.__setattr__(self, "_meta", None)
         if self._lock is None:
             object.__setattr__(self, "_lock", asyncio.Lock())
         assert self._lock is not None
@@ -692,6 +708,7 @@ class Proxy:
                 conn.abort()
                 await conn.wait_closed()
                 raise
+            session.owner = weakref.ref(self)
             object.__setattr__(self, "_conn", conn)
             object.__setattr__(self, "_session", session)
             self._set_meta(meta)
