@@ -594,3 +594,191 @@ async def test_awaiting_a_generator_method_raises_type_error() -> None:
             async for _ in p.ping():
                 pass
         assert [x async for x in p.count(2)] == [0, 1]
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+
+@asyncdist.expose
+class Batched:
+    def __init__(self) -> None:
+        self.log: list[Any] = []
+        self.done = asyncio.Event()
+
+    def add(self, a: int, b: int = 0) -> int:
+        self.log.append(("add", a, b))
+        return a + b
+
+    async def aadd(self, a: int, b: int) -> int:
+        self.log.append(("aadd", a, b))
+        return a + b
+
+    def fail(self, message: str) -> None:
+        self.log.append(("fail", message))
+        raise ValueError(message)
+
+    async def mark_done(self) -> None:
+        self.done.set()
+
+    def batch(self) -> str:
+        return "the remote batch"
+
+
+@pytest.mark.both_loops
+async def test_batch_returns_results_in_order() -> None:
+    obj = Batched()
+    async with serving(obj) as (_, [uri]), Proxy(uri) as p:
+        b = p.batch()
+        b.add(1, 2)
+        b.aadd(3, 4)
+        b.add(5, b=6)
+        assert len(b) == 3
+        assert await b() == [3, 7, 11]
+        assert len(b) == 0  # emptied once sent
+        assert obj.log == [("add", 1, 2), ("aadd", 3, 4), ("add", 5, 6)]
+        assert await b() == []
+
+
+async def test_batch_stops_at_the_first_error() -> None:
+    obj = Batched()
+    async with serving(obj) as (_, [uri]), Proxy(uri) as p:
+        b = p.batch()
+        b.add(1, 1)
+        b.aadd(2, 2)
+        b.fail("second")
+        b.add(100, 100)
+        with pytest.raises(ValueError, match="second") as info:
+            await b()
+        assert info.value.batch_results == [2, 4]  # type: ignore[attr-defined]
+        assert ("add", 100, 100) not in obj.log
+        assert obj.log == [("add", 1, 1), ("aadd", 2, 2), ("fail", "second")]
+        b.nothing_here()
+        b.add(1, 1)
+        with pytest.raises(AttributeError):
+            await b()
+        assert obj.log[-1] == ("fail", "second")
+
+
+async def test_batch_return_exceptions() -> None:
+    obj = Batched()
+    async with serving(obj) as (_, [uri]), Proxy(uri) as p:
+        b = p.batch()
+        b.add(1, 1)
+        b.fail("one")
+        b.nothing_here()
+        b.aadd(2, 2)
+        results = await b(return_exceptions=True)
+        assert results is not None
+        assert results[0] == 2
+        assert isinstance(results[1], ValueError)
+        assert str(results[1]) == "one"
+        assert isinstance(results[2], AttributeError)
+        assert results[3] == 4
+        assert obj.log[-1] == ("aadd", 2, 2)
+
+
+async def test_oneway_batch() -> None:
+    obj = Batched()
+    async with serving(obj) as (_, [uri]), Proxy(uri) as p:
+        b = p.batch()
+        b.add(1, 2)
+        b.aadd(3, 4)
+        b.mark_done()
+        assert await b(oneway=True) is None
+        await asyncio.wait_for(obj.done.wait(), BOUND)
+        assert obj.log == [("add", 1, 2), ("aadd", 3, 4)]
+
+
+async def test_a_remote_method_named_batch_is_reached_with_call() -> None:
+    async with serving(Batched()) as (_, [uri]), Proxy(uri) as p:
+        assert await p._call("batch") == "the remote batch"
+        assert isinstance(p.batch(), asyncdist.objects.Batch)
+        with pytest.raises(AttributeError):
+            await p._call("_private")
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+class CustomError(Exception):
+    """Not on the allow-list: arrives as RemoteError."""
+
+
+@asyncdist.expose
+class Bank:
+    def __init__(self) -> None:
+        self.accounts = {"alice": 10}
+
+    def balance(self, name: str) -> int:
+        if name not in self.accounts:
+            raise KeyError("unknown account")
+        return self.accounts[name]
+
+    async def abalance(self, name: str) -> int:
+        return self.balance(name)
+
+    def custom(self) -> None:
+        raise CustomError("custom failure", 7)
+
+
+@pytest.mark.both_loops
+async def test_user_exceptions_keep_their_type_and_remote_traceback() -> None:
+    async with serving(Bank()) as (_, [uri]), Proxy(uri) as p:
+        assert await p.balance("alice") == 10
+        for method in (p.balance, p.abalance):
+            with pytest.raises(KeyError) as info:
+                await method("bob")
+            assert info.value.args == ("unknown account",)
+            tb = info.value.remote_traceback  # type: ignore[attr-defined]
+            assert "in balance" in tb
+            assert "KeyError" in tb
+        assert await p.abalance("alice") == 10
+
+
+async def test_a_custom_exception_arrives_as_remote_error() -> None:
+    async with serving(Bank()) as (_, [uri]), Proxy(uri) as p:
+        with pytest.raises(RemoteError) as info:
+            await p.custom()
+        assert info.value.type_name.endswith("CustomError")
+        assert "custom failure" in info.value.message
+        assert "in custom" in info.value.remote_traceback
+        assert await p.balance("alice") == 10
+
+
+async def test_unknown_object_ids_raise_unknown_object_error() -> None:
+    obj = Bank()
+    async with serving() as (daemon, _):
+        location = daemon.location
+        async with Proxy(f"adist:{secrets.token_hex(16)}@{location}") as _:
+            pass
+    # (the block above only checks that an unknown id fails at connect; see below)
+
+
+async def test_unknown_unregistered_and_unregistered_after_use_ids() -> None:
+    obj = Bank()
+    async with Daemon() as daemon:
+        random_proxy = Proxy(f"adist:{secrets.token_hex(16)}@{daemon.location}", connect_attempts=1)
+        with pytest.raises(UnknownObjectError):
+            await random_proxy.balance("alice")
+        await random_proxy._release()
+
+        uri = daemon.register(obj)
+        daemon.unregister(obj)
+        before_use = Proxy(uri)
+        with pytest.raises(UnknownObjectError):
+            await before_use.balance("alice")
+        await before_use._release()
+
+        uri = daemon.register(obj)
+        async with Proxy(uri) as p:
+            assert await p.balance("alice") == 10
+            daemon.unregister(uri)
+            with pytest.raises(UnknownObjectError):
+                await p.balance("alice")
+            with pytest.raises(UnknownObjectError):
+                await p.abalance("alice")
+            assert p._conn is not None
+            with pytest.raises(UnknownObjectError):
+                await p._conn.request("o.get", [oid_of(uri), "accounts"])
+            daemon.register(obj, oid_of(uri))
+            assert await p.balance("alice") == 10  # same connection, the id is back
