@@ -6,7 +6,9 @@ and either end may call the other. Many calls share the connection at once.
 Handlers. A plain function is called on the event loop, inline, and must not
 block: paradigms run user code in threads or processes themselves. A
 coroutine function (or any handler returning an awaitable) runs as its own
-task, which the caller can cancel from its side. A handler called through
+task, which the caller can cancel from its side; a handler that returns an
+:class:`asyncio.Future` (e.g. from ``run_in_executor``) is answered when the
+future is done, without a task, and a cancel from the caller cancels it. A handler called through
 :meth:`Connection.stream` returns an async iterable (or a plain iterable)
 whose items are sent one by one under credit-based flow control.
 :func:`current_connection` tells a handler which connection called it.
@@ -83,6 +85,7 @@ _T = TypeVar("_T")
 _current: contextvars.ContextVar[weakref.ref[Connection]] = contextvars.ContextVar("asyncdist_connection")
 
 _PLAIN_TYPES: Final = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
+_Future: Final = asyncio.Future
 _SMALL_FRAME: Final = 64 * 1024
 _PREAUTH_SCRATCH: Final = 4096
 _SCRATCH: Final = 256 * 1024
@@ -235,9 +238,9 @@ class Connection(asyncio.BufferedProtocol):
         self._peer_max_frame = PREAUTH_MAX_FRAME_SIZE
 
         self._incoming = self._ids.incoming
-        self._call_tasks: dict[int, asyncio.Task[None]] = {}
+        self._call_tasks: dict[int, asyncio.Future[Any]] = {}
         self._producers: dict[int, _Producer] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._peer_cancelled: set[int] = set()
         self._backlog: deque[list[Any]] = deque()
 
@@ -845,7 +848,7 @@ class Connection(asyncio.BufferedProtocol):
         if not self._tasks and not self._closed.done():
             self._closed.set_result(None)
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
         if self._state == _CLOSED:
             if not self._tasks and not self._closed.done():
@@ -1047,7 +1050,9 @@ class Connection(asyncio.BufferedProtocol):
                 self._close_awaitable(result)
                 self._send_error(call_id, TypeError(f"handler {name!r} did not return an iterable to stream"))
             return
-        if rt is CoroutineType or (rt not in _PLAIN_TYPES and inspect.isawaitable(result)):
+        if rt is _Future:
+            self._start_future(call_id, result)
+        elif rt is CoroutineType or (rt not in _PLAIN_TYPES and inspect.isawaitable(result)):
             self._start_task(call_id, self._await_result(call_id, result), result)
         elif rt not in _PLAIN_TYPES and inspect.isasyncgen(result):
             self._send_error(call_id, TypeError(f"handler {name!r} returns a stream: call it with stream()"))
@@ -1084,6 +1089,26 @@ class Connection(asyncio.BufferedProtocol):
         self._call_tasks[call_id] = task
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._call_done, call_id, inner))
+
+    def _start_future(self, call_id: int, fut: asyncio.Future[Any]) -> None:
+        # A future (e.g. from run_in_executor) replies when it is done, without a task.
+        self._incoming.add(call_id)
+        self._call_tasks[call_id] = fut
+        self._tasks.add(fut)
+        fut.add_done_callback(functools.partial(self._future_done, call_id))
+
+    def _future_done(self, call_id: int, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            if call_id not in self._peer_cancelled and self._state == _OPEN:
+                self._send_error(call_id, asyncio.CancelledError("the handler was cancelled"))
+        else:
+            exc = fut.exception()
+            if exc is not None:
+                self._send_error(call_id, exc)
+            else:
+                self._reply(call_id, fut.result())
+        self._end_call(call_id)
+        self._task_done(fut)
 
     def _call_done(self, call_id: int, inner: Any, task: asyncio.Task[None]) -> None:
         # A task cancelled before it ever ran never entered its coroutine: close what it wraps.

@@ -444,6 +444,42 @@ async def test_cancelling_the_caller_cancels_the_remote_handler() -> None:
         assert await client.call("echo", 1) == 1
 
 
+@pytest.mark.both_loops
+async def test_a_handler_returning_a_future_is_answered_when_it_is_done() -> None:
+    loop = asyncio.get_running_loop()
+    pending: list[asyncio.Future[Any]] = []
+
+    def later(x: int) -> asyncio.Future[Any]:
+        fut = loop.create_future()
+        pending.append(fut)
+        return fut
+
+    def in_thread(x: int) -> asyncio.Future[Any]:
+        return loop.run_in_executor(None, lambda: x * 2)
+
+    handlers = {"later": later, "in_thread": in_thread, "echo": echo}
+    async with connection_pair(server_handlers=handlers) as (client, server_side):
+        assert await client.call("in_thread", 21) == 42
+        # A value, an exception, a cancellation by the handler's side, a cancellation by the caller.
+        calls = [asyncio.create_task(client.call("later", i)) for i in range(4)]
+        await eventually(lambda: len(pending) == 4, "the handlers did not all run")
+        pending[0].set_result("value")
+        pending[1].set_exception(KeyError("gone"))
+        pending[2].cancel()
+        assert await calls[0] == "value"
+        with pytest.raises(KeyError, match="gone"):
+            await calls[1]
+        with pytest.raises(asyncdist.RemoteError, match="CancelledError"):  # as for a cancelled task
+            await calls[2]
+        calls[3].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await calls[3]
+        await eventually(pending[3].cancelled, "the caller's cancel did not cancel the future")
+        await eventually(lambda: not server_side._call_tasks, "the server still tracks a finished call")
+        assert not server_side._tasks
+        assert await client.call("echo", 1) == 1
+
+
 async def test_cancel_racing_completion_gives_result_or_cancelled_and_leaks_no_ids() -> None:
     rng = random.Random(20240611)
 
