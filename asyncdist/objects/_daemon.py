@@ -9,7 +9,6 @@ import secrets
 import socket
 import ssl as _ssl
 from collections.abc import Callable, Generator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Final
 
@@ -18,6 +17,7 @@ from ..security import resolve_secret
 from ..server import Server, serve
 from ._expose import ClassInfo, InstanceMode, class_info, expose, get_behavior
 from ._proxy import Session
+from ._threads import ThreadPool
 from ._uri import URI, check_object_id
 
 __all__ = ["DAEMON_OBJECT_ID", "Daemon"]
@@ -139,9 +139,7 @@ class Daemon:
         self._instance_ids: dict[int, str] = {}
         self._class_ids: dict[type, str] = {}
         self._server: Server | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._running = 0
-        self._idle: asyncio.Event | None = None
+        self._pool: ThreadPool | None = None
         self._closing: asyncio.Task[None] | None = None
         self._register(_DaemonObject(self), DAEMON_OBJECT_ID, force=False)
 
@@ -151,9 +149,7 @@ class Daemon:
         """Start listening (``async with`` does it); return the daemon."""
         if self._server is not None:
             raise RuntimeError("this daemon is already started")
-        self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="asyncdist-daemon")
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._pool = ThreadPool(self._threads, "asyncdist-daemon")
         try:
             self._server = await serve(
                 self._session_handlers,
@@ -166,8 +162,8 @@ class Daemon:
                 options=self.options,
             )
         except BaseException:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+            self._pool.shutdown()
+            self._pool = None
             raise
         return self
 
@@ -209,21 +205,17 @@ class Daemon:
     async def _finish_close(self) -> None:
         assert self._server is not None
         await self._server.wait_closed()
-        executor, self._executor = self._executor, None
-        if executor is None:
+        pool, self._pool = self._pool, None
+        if pool is None:
             return
-        idle = self._idle
-        assert idle is not None
-        try:
-            async with asyncio.timeout(self.options.close_timeout):
-                await idle.wait()
-        except TimeoutError:
+        # Plain methods still running (their callers gone) get close_timeout to finish.
+        pool.shutdown()
+        if not await asyncio.to_thread(pool.join, self.options.close_timeout):
             log.warning(
-                "daemon at %s closed with %d plain method(s) still running in threads",
+                "daemon at %s closed with %d plain method call(s) still running in threads",
                 self.location,
-                self._running,
+                pool.busy,
             )
-        executor.shutdown(wait=self._running == 0, cancel_futures=True)
 
     # -- addresses ----------------------------------------------------------------------------
 
@@ -340,20 +332,8 @@ class Daemon:
     # -- serving -------------------------------------------------------------------------------
 
     def _session_handlers(self, conn: Connection) -> Mapping[str, Callable[..., Any]]:
-        session = Session(
-            conn, daemon=self, executor=self._executor, secret=self._secret, ssl=self._client_ssl
-        )
+        session = Session(conn, daemon=self, pool=self._pool, secret=self._secret, ssl=self._client_ssl)
         return session.handlers
-
-    def _plain_started(self) -> None:
-        self._running += 1
-        if self._idle is not None:
-            self._idle.clear()
-
-    def _plain_done(self, _: object = None) -> None:
-        self._running -= 1
-        if self._running == 0 and self._idle is not None:
-            self._idle.set()
 
     def __repr__(self) -> str:
         where = self.location if self._server is not None or self._port or self._path else "not started"

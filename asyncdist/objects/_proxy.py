@@ -38,7 +38,6 @@ import secrets
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
-from concurrent.futures import Executor
 from dataclasses import replace
 from ssl import SSLContext
 from typing import TYPE_CHECKING, Any, Final
@@ -53,6 +52,7 @@ from ..errors import (
 )
 from ..security import resolve_secret
 from ._expose import ClassInfo, Member, check_member_name, class_info
+from ._threads import ThreadPool
 from ._uri import URI
 
 if TYPE_CHECKING:
@@ -94,7 +94,8 @@ class Session:
 
     Made for every connection a :class:`Daemon` accepts and every connection
     a :class:`Proxy` opens. ``daemon`` is None on the client side, where only
-    objects exported over this connection (callbacks) are served.
+    objects exported over this connection (callbacks) are served. Plain
+    methods run in ``pool`` (the daemon's), else in the loop's default executor.
     """
 
     def __init__(
@@ -102,13 +103,13 @@ class Session:
         conn: Connection,
         *,
         daemon: Daemon | None = None,
-        executor: Executor | None = None,
+        pool: ThreadPool | None = None,
         secret: bytes | None = None,
         ssl: SSLContext | None = None,
     ) -> None:
         self.conn = conn
         self.daemon = daemon
-        self.executor = executor
+        self.pool = pool
         self.secret = secret
         self.ssl = ssl
         #: The proxy that opened this connection (client side), kept alive by proxies derived from it.
@@ -168,14 +169,12 @@ class Session:
         return m
 
     def run_plain(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
-        """Run a plain callable in the executor, with this call's context (its connection)."""
+        """Run a plain callable in a thread, with this call's context (its connection)."""
         call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
-        daemon = self.daemon
-        if daemon is None:
-            return self.loop.run_in_executor(self.executor, call)
-        fut = self.loop.run_in_executor(self.executor, functools.partial(_counted, self.loop, daemon, call))
-        daemon._plain_started()  # counted until the thread is done, even if the caller gave up
-        return fut
+        pool = self.pool
+        if pool is None:
+            return self.loop.run_in_executor(None, call)
+        return pool.run(self.loop, call)
 
     # -- handlers -------------------------------------------------------------------------
 
@@ -350,16 +349,6 @@ class Session:
         self._export_ids.clear()
         self.instances.clear()
         self._received.clear()
-
-
-def _counted(loop: asyncio.AbstractEventLoop, daemon: Daemon, call: Callable[[], Any]) -> Any:
-    try:
-        return call()
-    finally:
-        try:
-            loop.call_soon_threadsafe(daemon._plain_done)
-        except RuntimeError:  # the loop is closed
-            pass
 
 
 def _ping() -> None:
