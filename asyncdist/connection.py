@@ -372,6 +372,10 @@ class Connection(asyncio.BufferedProtocol):
         if self._write_paused:
             await self._drain()
         self.notify_nowait(name, *args, **kwargs)
+        if self._wbuf_bytes >= _FLUSH_AT and not self._in_receive:
+            self._flush()  # a loop of notifications meets the transport's back-pressure here
+            if self._write_paused:
+                await self._drain()
 
     def flush(self) -> None:
         """Write the frames queued so far now, instead of at the end of this loop iteration.

@@ -34,6 +34,7 @@ from collections.abc import Coroutine, Generator, Iterable, Sequence
 from typing import Any, Final
 
 from .errors import (
+    AsyncDistError,
     AuthenticationError,
     CommunicationError,
     ConnectError,
@@ -296,8 +297,11 @@ class NameServer:
                 heartbeat_interval=min(2.0, timeout),
                 heartbeat_timeout=max(10.0, 2 * timeout),
             )
-        except (ConnectError, OSError):
-            return [name for name, _ in group]
+        except ConnectError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and not isinstance(cause, AsyncDistError):  # refused, unreachable
+                return [name for name, _ in group]
+            return []  # no answer in time: maybe only slow or frozen, keep it
         except (AuthenticationError, CommunicationError):
             return []
         dead: builtins.list[str] = []
@@ -456,10 +460,10 @@ async def publish(
         try:
             async with locate_ns(ns_host, ns_port, secret, ssl=ssl) as ns:
                 await ns.register(name, uri, list(metadata))
-        except (NamingError, CommunicationError):
+        except (NamingError, CommunicationError, AuthenticationError) as exc:
             if first:
                 raise
-            log.warning("could not register %r with the name server; retrying in %g s", name, every)
+            log.warning("could not register %r with the name server (%s); retrying in %g s", name, exc, every)
         first = False
         await asyncio.sleep(every)
 

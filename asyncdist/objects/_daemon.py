@@ -16,7 +16,7 @@ from ..connection import Connection, Options
 from ..security import resolve_secret
 from ..server import Server, serve
 from ._expose import ClassInfo, InstanceMode, class_info, expose, get_behavior
-from ._proxy import Session
+from ._proxy import Session, no_pickle
 from ._threads import ThreadPool
 from ._uri import URI, check_object_id
 
@@ -134,7 +134,7 @@ class Daemon:
         self._insecure = insecure
         self._threads = threads
         self._nat = (nat_host, nat_port)
-        self.options = replace(options or Options(), **option_overrides)
+        self.options = no_pickle(replace(options or Options(), **option_overrides))
         self._registry: dict[str, _Registration] = {}
         self._instance_ids: dict[int, str] = {}
         self._class_ids: dict[type, str] = {}

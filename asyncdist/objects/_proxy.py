@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ..codec import ObjectRef
 from ..connection import Connection, Options, connect
 from ..errors import (
+    ConfigurationError,
     ConnectError,
     ConnectionClosedError,
     NamingError,
@@ -58,7 +59,7 @@ from ._uri import URI
 if TYPE_CHECKING:
     from ._daemon import Daemon
 
-__all__ = ["Batch", "Proxy", "Session", "DEFAULT_NS_PORT", "NS_OBJECT_ID", "ns_address"]
+__all__ = ["Batch", "Proxy", "Session", "DEFAULT_NS_PORT", "NS_OBJECT_ID", "no_pickle", "ns_address"]
 
 log = logging.getLogger("asyncdist.objects")
 
@@ -80,6 +81,16 @@ def ns_address(host: str | None = None, port: int | None = None) -> tuple[str, i
         except ValueError:
             raise ValueError(f"ASYNCDIST_NS_PORT is not a port number: {env!r}") from None
     return host, port
+
+
+def no_pickle(options: Options) -> Options:
+    """``options`` for a remote-objects connection, which never accepts pickled payloads."""
+    if options.accept_pickle != "refuse":
+        raise ConfigurationError(
+            "remote objects and the name server never accept pickled payloads: "
+            f"accept_pickle={options.accept_pickle!r} is not allowed here"
+        )
+    return options
 
 
 def _short(value: Any) -> str:
@@ -482,7 +493,7 @@ class Proxy:
         s(self, "_ssl", ssl)
         s(self, "_timeout", timeout)
         s(self, "_attempts", connect_attempts)
-        s(self, "_options", replace(options or Options(), **option_overrides))
+        s(self, "_options", no_pickle(replace(options or Options(), **option_overrides)))
         s(self, "_conn", None)
         s(self, "_session", None)
         s(self, "_own", True)
@@ -710,7 +721,12 @@ class Proxy:
         uri = self._uri
         host, port = ns_address(uri.host or self._ns[0], uri.port or self._ns[1])
         ns = Proxy(
-            URI("adist", NS_OBJECT_ID, host, port), secret=self._secret, ssl=self._ssl, connect_attempts=1
+            URI("adist", NS_OBJECT_ID, host, port),
+            secret=self._secret,
+            ssl=self._ssl,
+            timeout=self._timeout,
+            connect_attempts=1,
+            options=self._options,
         )
         try:
             if uri.scheme == "adistname":
