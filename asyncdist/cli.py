@@ -127,14 +127,14 @@ def _cmd_broker(args: argparse.Namespace) -> int:
             no_workers_timeout=args.no_workers_timeout,
             **parse_options(args.option),
         )
-        print(f"asyncdist broker listening on {args.host}:{server.port}", flush=True)
-        await _serve_until_signal(server)
+        await _serve_until_signal(server, f"asyncdist broker listening on {args.host}:{server.port}")
 
     run(main())
     return 0
 
 
-async def _serve_until_signal(server: Any) -> None:
+async def _serve_until_signal(server: Any, banner: str) -> None:
+    """Print ``banner`` (once SIGTERM and SIGINT stop the server cleanly) and serve until one comes."""
     import asyncio
     import signal
 
@@ -143,6 +143,7 @@ async def _serve_until_signal(server: Any) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
+        print(banner, flush=True)
         await stop.wait()
     finally:
         await server.aclose()
@@ -166,8 +167,7 @@ def _cmd_ns(args: argparse.Namespace) -> int:
         )
         await nsd.start()
         stored = f", storage {args.storage}" if args.storage else " (in memory: not persistent)"
-        print(f"asyncdist name server at {nsd.uri}{stored}", flush=True)
-        await _serve_until_signal(nsd)
+        await _serve_until_signal(nsd, f"asyncdist name server at {nsd.uri}{stored}")
 
     run(main())
     return 0

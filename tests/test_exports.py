@@ -20,6 +20,8 @@ PUBLIC_MODULES = [
     "asyncdist.cli",
     "asyncdist.futures",
     "asyncdist.futures.shared",
+    "asyncdist.objects",
+    "asyncdist.naming",
 ]
 
 

@@ -10,7 +10,7 @@ import socket
 import ssl as _ssl
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import replace
-from typing import Any, Final
+from typing import Any, Final, Self
 
 from ..connection import Connection, Options
 from ..security import resolve_secret
@@ -63,9 +63,9 @@ class _Registration:
                 obj = self.obj = self._create()
             return obj
         if mode == "session":
-            obj = session.instances.get(self.oid)
+            obj = session.instances.get(self)
             if obj is None:
-                obj = session.instances[self.oid] = self._create()
+                obj = session.instances[self] = self._create()
             return obj
         return self._create()
 
@@ -145,7 +145,7 @@ class Daemon:
 
     # -- lifetime ---------------------------------------------------------------------------
 
-    async def start(self) -> Daemon:
+    async def start(self) -> Self:
         """Start listening (``async with`` does it); return the daemon."""
         if self._server is not None:
             raise RuntimeError("this daemon is already started")
@@ -167,10 +167,10 @@ class Daemon:
             raise
         return self
 
-    def __await__(self) -> Generator[Any, None, Daemon]:
+    def __await__(self) -> Generator[Any, None, Self]:
         return self.start().__await__()
 
-    async def __aenter__(self) -> Daemon:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc_info: object) -> None:

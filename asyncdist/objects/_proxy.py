@@ -37,7 +37,7 @@ import random
 import secrets
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Generator, Mapping
 from dataclasses import replace
 from ssl import SSLContext
 from typing import TYPE_CHECKING, Any, Final
@@ -130,7 +130,7 @@ class Session:
         self.exported: dict[str, list[Any]] = {}
         self._export_ids: dict[int, str] = {}
         #: Instances of "session" registrations, one per registration, for this connection.
-        self.instances: dict[str, Any] = {}
+        self.instances: dict[Any, Any] = {}
         # Proxies to the peer's exported objects, and how many references each stands for.
         self._proxies: weakref.WeakValueDictionary[str, Proxy] = weakref.WeakValueDictionary()
         self._received: dict[str, int] = {}
@@ -465,6 +465,7 @@ class Proxy:
     _lock: asyncio.Lock | None
     _finalizer: weakref.finalize[Any, Any] | None
     _parent: Proxy | None
+    _guard: AsyncGenerator[None, None] | None
 
     def __init__(
         self,
@@ -502,6 +503,7 @@ class Proxy:
         s(self, "_lock", None)
         s(self, "_finalizer", None)
         s(self, "_parent", None)
+        s(self, "_guard", None)
 
     @classmethod
     def _bound(cls, session: Session, oid: str, meta: Any, *, uri: URI | None = None) -> Proxy:
@@ -521,6 +523,7 @@ class Proxy:
         s(proxy, "_own", False)
         s(proxy, "_lock", None)
         s(proxy, "_finalizer", None)
+        s(proxy, "_guard", None)
         # A proxy that arrived over another proxy's connection keeps that proxy (and so the
         # connection) alive.
         s(proxy, "_parent", session.owner() if session.owner is not None else None)
@@ -582,8 +585,12 @@ class Proxy:
         if fin is not None:
             fin.detach()
             object.__setattr__(self, "_finalizer", None)
+        guard = self._guard
+        object.__setattr__(self, "_guard", None)
         if conn is not None and self._own:
             await conn.close()
+        if guard is not None:
+            await guard.aclose()
 
     # -- calls ----------------------------------------------------------------------------
 
@@ -603,7 +610,17 @@ class Proxy:
     async def _stream(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> AsyncIterator[Any]:
         conn = await self._ready()
         async with conn.stream("o.iter", self._oid, name, *args, **kwargs) as items:
-            async for item in items:
+            timeout = self._timeout
+            if timeout is None:
+                async for item in items:
+                    yield item
+                return
+            while True:  # the timeout bounds the wait for each item
+                try:
+                    async with asyncio.timeout(timeout):
+                        item = await items.__anext__()
+                except StopAsyncIteration:
+                    return
                 yield item
 
     async def _get(self, name: str) -> Any:
@@ -660,7 +677,12 @@ class Proxy:
         if conn is not None and conn._loop is not asyncio.get_running_loop():
             if not conn._loop.is_closed():
                 raise RuntimeError(f"{self!r} is connected in another event loop; make a new Proxy here")
-            # Its loop is gone (an earlier asyncio.run): start afresh in this one.
+            # Its loop is gone (an earlier asyncio.run, which aborted it): start afresh here.
+            fin = self._finalizer
+            if fin is not None:
+                fin.detach()
+            object.__setattr__(self, "_finalizer", None)
+            object.__setattr__(self, "_guard", None)
             object.__setattr__(self, "_conn", None)
             object.__setattr__(self, "_lock", None)
             if not self._own:
@@ -709,6 +731,9 @@ class Proxy:
                 await conn.wait_closed()
                 raise
             session.owner = weakref.ref(self)
+            guard = _close_with_loop(conn)
+            await guard.__anext__()  # now the loop closes it when it shuts down (asyncio.run)
+            object.__setattr__(self, "_guard", guard)
             object.__setattr__(self, "_conn", conn)
             object.__setattr__(self, "_session", session)
             self._set_meta(meta)
@@ -749,15 +774,28 @@ class Proxy:
 
     def _ref_for(self, session: Session) -> ObjectRef:
         """How this proxy travels over ``session``'s connection."""
-        if self._conn is session.conn and not self._own:
+        if self._conn is session.conn:
             return ObjectRef(self._oid, {"k": "y"})  # the peer's own object, going home
         target = self._target
         if target is not None:
             return ObjectRef(str(target), {"k": "u"})
         if self._own:
-            return ObjectRef(str(self._uri), {"k": "u"})  # a name: the receiver resolves it
+            # A name, with the name server this proxy would ask: the receiver resolves it.
+            uri = self._uri
+            if uri.host is None:
+                uri = URI(uri.scheme, uri.object, *ns_address(*self._ns))
+            return ObjectRef(str(uri), {"k": "u"})
         # A callback of another connection: forward calls to it through this side.
         return ObjectRef(session.export(self), {"k": "c", "m": self._meta_dict()})
+
+
+async def _close_with_loop(conn: Connection) -> AsyncGenerator[None, None]:
+    """Abort ``conn`` when the loop shuts its async generators down (``asyncio.run`` does, at its
+    end), or when this generator is dropped: a proxy's connection never outlives its loop."""
+    try:
+        yield
+    finally:
+        conn.abort()
 
 
 def _abandon(conn: Connection) -> None:

@@ -15,8 +15,8 @@ most 32 metadata tags of at most 128 characters each; at most
 raises :class:`~asyncdist.errors.NamingError`). The memory the registry can
 take is bounded by these. When the name server has a secret, every request,
 and so every mutation, needs it (the handshake does); with ``--storage``
-the registrations survive a restart, without it they are lost (daemons that
-use :meth:`~asyncdist.objects.Daemon` with :func:`publish` register again).
+the registrations survive a restart, without it they are lost (a daemon
+that keeps :func:`publish` running registers again by itself).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import ssl as _ssl
 import sys
 import threading
 from collections.abc import Coroutine, Generator, Iterable, Sequence
-from typing import Any, Final
+from typing import Any, Final, Self
 
-from .errors import (
+from ..errors import (
     AsyncDistError,
     AuthenticationError,
     CommunicationError,
@@ -41,8 +41,8 @@ from .errors import (
     NamingError,
     UnknownObjectError,
 )
-from .objects import NS_OBJECT_ID, URI, Daemon, Proxy, expose, ns_address
-from .objects._uri import check_name
+from ..objects import NS_OBJECT_ID, URI, Daemon, Proxy, expose, ns_address
+from ..objects._uri import check_name
 
 __all__ = [
     "MAX_META_LEN",
@@ -283,7 +283,7 @@ class NameServer:
         return dead
 
     async def _probe(self, group: builtins.list[tuple[str, URI]], timeout: float) -> builtins.list[str]:
-        from .connection import connect
+        from ..connection import connect
 
         target = group[0][1]
         try:
@@ -346,13 +346,13 @@ class NameServerDaemon(Daemon):
         threads: int = 8,
         **daemon_options: Any,
     ) -> None:
+        if autoclean is not None and autoclean <= 0:
+            raise ValueError("autoclean must be a positive number of seconds")
         super().__init__(host, port, secret, ssl, threads=threads, **daemon_options)
         self.nameserver = NameServer(
             storage, max_entries=max_entries, secret=self._secret, ssl=self._client_ssl
         )
         self._register(self.nameserver, NS_OBJECT_ID, force=False)
-        if autoclean is not None and autoclean <= 0:
-            raise ValueError("autoclean must be a positive number of seconds")
         self._autoclean = autoclean
         self._cleaner: asyncio.Task[None] | None = None
 
@@ -361,8 +361,12 @@ class NameServerDaemon(Daemon):
         """The name server's URI, ``adist:asyncdist.naming@HOST:PORT``."""
         return self.uri_for(NS_OBJECT_ID)
 
-    async def start(self) -> NameServerDaemon:
-        await super().start()
+    async def start(self) -> Self:
+        try:
+            await super().start()
+        except BaseException:
+            self.nameserver.close()  # the storage file, opened by the constructor
+            raise
         if self._autoclean is not None:
             self._cleaner = asyncio.get_running_loop().create_task(self._clean_every(self._autoclean))
         return self
@@ -470,10 +474,6 @@ async def publish(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m asyncdist.naming ...``: the same as ``asyncdist ns ...``."""
-    from .cli import main as cli_main
+    from ..cli import main as cli_main
 
     return cli_main(["ns", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
