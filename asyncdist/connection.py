@@ -347,6 +347,8 @@ class Connection(asyncio.BufferedProtocol):
             self._release_slot()
             raise
         self.stats.calls_sent += 1
+        if len(self._pending) == 1 and not self._in_receive:
+            self._flush()  # a lone call leaves now, not one loop iteration later
         try:
             if timeout is None:
                 return await fut
@@ -1111,6 +1113,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._send_error(call_id, exc)
             else:
                 self._reply(call_id, fut.result())
+        self._flush_if_alone()
         self._end_call(call_id)
         self._task_done(fut)
 
@@ -1145,6 +1148,13 @@ class Connection(asyncio.BufferedProtocol):
             self._send_error(call_id, exc)
         else:
             self._reply(call_id, result)
+        self._flush_if_alone()
+
+    def _flush_if_alone(self) -> None:
+        # The only call in progress answered: send now rather than one loop iteration later
+        # (with others in progress, their answers share the write at the end of the iteration).
+        if len(self._call_tasks) == 1 and self._flush_pending and not self._in_receive:
+            self._flush()
 
     def _reply(self, call_id: int, result: Any) -> None:
         if self._state >= _CLOSED:
