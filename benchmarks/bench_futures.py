@@ -1048,7 +1048,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", metavar="NAMES", help=f"comma-separated subset of: {', '.join(FAMILIES)}")
     parser.add_argument("--measure", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     parser.add_argument(
-        "--timeout", type=float, help="seconds one family may take (default 600, --quick 180)"
+        "--timeout", type=float, help="seconds one family may take (default 600, --quick 60)"
     )
     parser.add_argument("--child", choices=list(FAMILIES), help="run one family in this process")
     parser.add_argument("--result-file", help=argparse.SUPPRESS)  # internal: where a child writes
@@ -1069,7 +1069,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return child_main(args.child, s, args.result_file)
 
     names = select_families(args.only)
-    timeout = args.timeout if args.timeout is not None else (180.0 if args.quick else 600.0)
+    timeout = args.timeout if args.timeout is not None else (60.0 if args.quick else 600.0)
     become_subreaper()
     exit_on_sigterm()  # SIGTERM unwinds through run_family's finally, which stops the family
     started = time.monotonic()
