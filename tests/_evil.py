@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pickle
 import socket
 import struct
 import tracemalloc
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from asyncdist import protocol as P
@@ -364,3 +366,23 @@ def traced() -> Iterator[Traced]:
     finally:
         result.current, result.peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
+
+
+class TouchOnLoad:
+    """Unpickling this creates a file: proof that a pickle was loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.path,))
+
+
+def pickle_bomb(marker: Path) -> bytes:
+    """A live pickle whose loading creates ``marker`` (checked on a control file first)."""
+    data = pickle.dumps(TouchOnLoad(marker), protocol=5)
+    control = marker.with_name(marker.name + "-control")
+    pickle.loads(pickle.dumps(TouchOnLoad(control), protocol=5))  # the payload is live
+    assert control.exists()
+    control.unlink()
+    return data

@@ -34,7 +34,6 @@ import datetime
 import gc
 import logging
 import os
-import pickle
 import re
 import socket
 import ssl
@@ -49,7 +48,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from _evil import EvilClient, FakeServer, RawPeer, ThrottleProxy, traced
+from _evil import EvilClient, FakeServer, RawPeer, ThrottleProxy, pickle_bomb, traced
 from _util import eventually
 
 from asyncdist import (
@@ -690,25 +689,6 @@ async def test_b13_a_million_colliding_keys_are_refused_fast(
 
 
 # -- B16, B17: pickles -------------------------------------------------------------------------
-
-
-class TouchOnLoad:
-    """Unpickling this creates a file: proof that a pickle was loaded."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Path.touch, (self.path,))
-
-
-def pickle_bomb(marker: Path) -> bytes:
-    data = pickle.dumps(TouchOnLoad(marker), protocol=5)
-    control = marker.with_name(marker.name + "-control")
-    pickle.loads(pickle.dumps(TouchOnLoad(control), protocol=5))  # the payload is live
-    assert control.exists()
-    control.unlink()
-    return data
 
 
 @pytest.mark.parametrize("where", ["whole-frame", "auth-field"])

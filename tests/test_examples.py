@@ -59,8 +59,7 @@ class _Processes:
         self.procs: list[asyncio.subprocess.Process] = []
         self.output: dict[str, list[str]] = {}
 
-    async def start(self, *argv: str, ready: str) -> asyncio.subprocess.Process:
-        """Start ``python ARGV`` in examples/objects and wait for the line containing ``ready``."""
+    async def _spawn(self, argv: tuple[str, ...], stderr: int) -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             *argv,
@@ -68,9 +67,14 @@ class _Processes:
             env=self.env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+            stderr=stderr,
         )
         self.procs.append(proc)
+        return proc
+
+    async def start(self, *argv: str, ready: str) -> asyncio.subprocess.Process:
+        """Start ``python ARGV`` in examples/objects and wait for the line containing ``ready``."""
+        proc = await self._spawn(argv, stderr=asyncio.subprocess.STDOUT)
         lines = self.output.setdefault(argv[-1], [])
         assert proc.stdout is not None
         async with asyncio.timeout(30 * SCALE):
@@ -83,16 +87,7 @@ class _Processes:
 
     async def run(self, *argv: str) -> str:
         """Run a client to completion; return its output."""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *argv,
-            cwd=OBJECTS,
-            env=self.env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        self.procs.append(proc)
+        proc = await self._spawn(argv, stderr=asyncio.subprocess.PIPE)
         async with asyncio.timeout(30 * SCALE):
             out, err = await proc.communicate()
         assert proc.returncode == 0, err.decode()

@@ -23,7 +23,6 @@ import contextlib
 import itertools
 import logging
 import os
-import pickle
 import re
 import secrets
 import signal
@@ -37,7 +36,7 @@ from typing import Any, TypeVar
 
 import msgpack
 import pytest
-from _evil import EvilClient, traced
+from _evil import EvilClient, pickle_bomb, traced
 from _util import eventually
 
 from asyncdist import (
@@ -234,25 +233,6 @@ async def proxy_to(uri: str, **kwargs: Any) -> AsyncIterator[Proxy]:
         yield proxy
     finally:
         await proxy._release()
-
-
-class TouchOnLoad:
-    """Unpickling this creates a file: proof that a pickle was loaded."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Path.touch, (self.path,))
-
-
-def pickle_bomb(marker: Path) -> bytes:
-    data = pickle.dumps(TouchOnLoad(marker), protocol=5)
-    control = marker.with_name(marker.name + "-control")
-    pickle.loads(pickle.dumps(TouchOnLoad(control), protocol=5))  # the payload is live
-    assert control.exists()
-    control.unlink()
-    return data
 
 
 class Hidden:

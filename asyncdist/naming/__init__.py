@@ -33,6 +33,7 @@ import threading
 from collections.abc import Coroutine, Generator, Iterable, Sequence
 from typing import Any, Final, Self
 
+from ..connection import Options
 from ..errors import (
     AsyncDistError,
     AuthenticationError,
@@ -42,6 +43,7 @@ from ..errors import (
     UnknownObjectError,
 )
 from ..objects import NS_OBJECT_ID, URI, Daemon, Proxy, expose, ns_address
+from ..objects._proxy import dial
 from ..objects._uri import check_name
 
 __all__ = [
@@ -283,20 +285,13 @@ class NameServer:
         return dead
 
     async def _probe(self, group: builtins.list[tuple[str, URI]], timeout: float) -> builtins.list[str]:
-        from ..connection import connect
-
-        target = group[0][1]
+        options = Options(
+            handshake_timeout=timeout,
+            heartbeat_interval=min(2.0, timeout),
+            heartbeat_timeout=max(10.0, 2 * timeout),
+        )
         try:
-            conn = await connect(
-                target.host or "127.0.0.1",
-                target.port,
-                path=target.path,
-                secret=self._secret,
-                ssl=self._ssl,
-                handshake_timeout=timeout,
-                heartbeat_interval=min(2.0, timeout),
-                heartbeat_timeout=max(10.0, 2 * timeout),
-            )
+            conn = await dial(group[0][1], secret=self._secret, ssl=self._ssl, options=options)
         except ConnectError as exc:
             cause = exc.__cause__
             if isinstance(cause, OSError) and not isinstance(cause, AsyncDistError):  # refused, unreachable

@@ -59,7 +59,16 @@ from ._uri import URI
 if TYPE_CHECKING:
     from ._daemon import Daemon
 
-__all__ = ["Batch", "Proxy", "Session", "DEFAULT_NS_PORT", "NS_OBJECT_ID", "no_pickle", "ns_address"]
+__all__ = [
+    "DEFAULT_NS_PORT",
+    "NS_OBJECT_ID",
+    "Batch",
+    "Proxy",
+    "Session",
+    "dial",
+    "no_pickle",
+    "ns_address",
+]
 
 log = logging.getLogger("asyncdist.objects")
 
@@ -91,6 +100,13 @@ def no_pickle(options: Options) -> Options:
             f"accept_pickle={options.accept_pickle!r} is not allowed here"
         )
     return options
+
+
+async def dial(target: URI, *, secret: bytes | None, ssl: SSLContext | None, options: Options) -> Connection:
+    """Connect to the daemon of an ``adist:`` URI (TCP or Unix socket)."""
+    return await connect(
+        target.host or "127.0.0.1", target.port, path=target.path, secret=secret, ssl=ssl, options=options
+    )
 
 
 def _short(value: Any) -> str:
@@ -712,14 +728,7 @@ class Proxy:
             target = self._target
             assert target is not None
             try:
-                conn = await connect(
-                    target.host or "127.0.0.1",
-                    target.port,
-                    path=target.path,
-                    secret=self._secret,
-                    ssl=self._ssl,
-                    options=self._options,
-                )
+                conn = await dial(target, secret=self._secret, ssl=self._ssl, options=self._options)
             except ConnectError as exc:
                 last = exc
                 continue
