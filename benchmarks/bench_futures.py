@@ -51,7 +51,6 @@ import asyncio
 import contextlib
 import gc
 import importlib
-import importlib.util
 import json
 import logging
 import math
@@ -70,13 +69,19 @@ from types import ModuleType
 from typing import Any
 
 from _harness import (
+    by_name,
     emit_json,
     exit_on_sigterm,
     exit_when_parent_exits,
+    fmt_met,
     fmt_number,
     format_table,
     format_versions,
+    mode_line,
+    parse_measures,
     pin_to_cpu,
+    requires,
+    select_names,
     versions,
 )
 
@@ -584,12 +589,6 @@ def run_ppe(s: Settings, out: FamilyResult) -> None:
 # -- dask.distributed ----------------------------------------------------------------------------
 
 
-def _dask_missing() -> str | None:
-    if importlib.util.find_spec("distributed") is None:
-        return "dask.distributed is not installed (pip install -e '.[bench]')"
-    return None
-
-
 def run_dask(s: Settings, out: FamilyResult) -> None:
     from dask.distributed import Client, LocalCluster
 
@@ -683,20 +682,17 @@ class Family:
     description: str = ""
 
 
-FAMILIES: dict[str, Family] = {
-    f.name: f
-    for f in (
-        Family("asyncdist", run_asyncdist, description="asyncdist.Pool(workers=2), broker in-process"),
-        Family("multiprocessing", run_multiprocessing, description="multiprocessing.Pool(2)"),
-        Family("ppe", run_ppe, description="concurrent.futures.ProcessPoolExecutor(2)"),
-        Family(
-            "dask",
-            run_dask,
-            _dask_missing,
-            "dask.distributed LocalCluster(n_workers=2, threads_per_worker=1, processes=True)",
-        ),
-    )
-}
+FAMILIES = by_name(
+    Family("asyncdist", run_asyncdist, description="asyncdist.Pool(workers=2), broker in-process"),
+    Family("multiprocessing", run_multiprocessing, description="multiprocessing.Pool(2)"),
+    Family("ppe", run_ppe, description="concurrent.futures.ProcessPoolExecutor(2)"),
+    Family(
+        "dask",
+        run_dask,
+        requires("distributed", "dask.distributed is not installed (pip install -e '.[bench]')"),
+        "dask.distributed LocalCluster(n_workers=2, threads_per_worker=1, processes=True)",
+    ),
+)
 
 #: Table rows in display order, with the family that fills each and what its columns mean.
 ROWS: dict[str, str] = {
@@ -944,11 +940,7 @@ def report(
     sleep_s: float | None,
     elapsed: float,
 ) -> None:
-    mode = (
-        f"pinned: the benchmark, every pool and every worker share CPU {pin} (like taskset -c {pin})"
-        if pin is not None
-        else f"unpinned: every process free to use the {len(os.sched_getaffinity(0))} CPUs"
-    )
+    mode = mode_line(pin, "the benchmark, every pool and every worker", "every process")
     v = versions(*VERSIONS_OF)
     print()
     quick = " (--quick: sizes scaled down, targets indicative)" if s.quick else ""
@@ -1011,30 +1003,13 @@ def report(
     labels = {"a": "(a) map no-ops", "b": "(b) submit latency", "c": "(c) sleep tasks", "d": "(d) pi"}
     crows = []
     for c in checks:
-        met = "" if c.met is None else ("yes" if c.met else "NO")
-        crows.append([labels[c.part], c.label, _fmt_value(c), _fmt_target(c), met])
+        crows.append([labels[c.part], c.label, _fmt_value(c), _fmt_target(c), fmt_met(c.met)])
     if crows:
         print(format_table(["measure", "figure", "value", "target", "met"], crows, "llrll"))
         print()
         print("ratios: (a) tasks/s over tasks/s (higher is better); (b) (c) (d) latency or wall time over")
         print("        the peer's (lower is better)")
         print()
-
-
-def select_families(only: str | None) -> list[str]:
-    """``--only`` names (comma-separated; prefixes select every match; ``mp`` is multiprocessing)."""
-    if not only:
-        return list(FAMILIES)
-    chosen: list[str] = []
-    for word in (w.strip() for w in only.split(",")):
-        if not word:
-            continue
-        word = "multiprocessing" if word == "mp" else word
-        matches = [n for n in FAMILIES if n.startswith(word)]
-        if not matches:
-            raise SystemExit(f"--only: unknown family {word!r}; choose from {', '.join(FAMILIES)}")
-        chosen.extend(m for m in matches if m not in chosen)
-    return [n for n in FAMILIES if n in chosen]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1047,16 +1022,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pin", type=int, metavar="CPU", help="pin everything, workers too, to CPU")
     parser.add_argument("--only", metavar="NAMES", help=f"comma-separated subset of: {', '.join(FAMILIES)}")
     parser.add_argument("--measure", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
-    parser.add_argument(
-        "--timeout", type=float, help="seconds one family may take (default 600, --quick 60)"
-    )
+    parser.add_argument("--timeout", type=float, help="seconds one family may take (default 600, --quick 60)")
     parser.add_argument("--child", choices=list(FAMILIES), help="run one family in this process")
     parser.add_argument("--result-file", help=argparse.SUPPRESS)  # internal: where a child writes
     args = parser.parse_args(argv)
 
-    measures = frozenset(m.strip() for m in args.measure.split(",") if m.strip())
-    if not measures or not measures <= set(MEASURES):
-        parser.error(f"--measure takes a comma-separated subset of {','.join(MEASURES)}")
+    measures = parse_measures(parser, args.measure, MEASURES)
     if (args.repeat is not None and args.repeat < 1) or (args.budget is not None and args.budget <= 0):
         parser.error("--repeat must be >= 1 and --budget > 0")
     s = make_settings(args.quick, args.repeat, args.budget, measures)
@@ -1068,7 +1039,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             exit_when_parent_exits()
         return child_main(args.child, s, args.result_file)
 
-    names = select_families(args.only)
+    # --only: comma-separated names; prefixes select every match; "mp" is multiprocessing.
+    names = select_names(args.only, list(FAMILIES), "family", {"mp": "multiprocessing"})
     timeout = args.timeout if args.timeout is not None else (60.0 if args.quick else 600.0)
     become_subreaper()
     exit_on_sigterm()  # SIGTERM unwinds through run_family's finally, which stops the family
