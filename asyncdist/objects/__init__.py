@@ -9,6 +9,7 @@ same connection. The name server is in :mod:`asyncdist.naming`.
 from ._daemon import DAEMON_OBJECT_ID, Daemon
 from ._expose import InstanceMode, behavior, expose, oneway
 from ._proxy import DEFAULT_NS_PORT, NS_OBJECT_ID, Batch, Proxy, ns_address
+from ._serve import serve
 from ._uri import URI
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "expose",
     "ns_address",
     "oneway",
+    "serve",
 ]
