@@ -880,6 +880,8 @@ class EchoBenchmark(Generic[_F]):
     best: BestOf | None = None
     #: Offer --no-process-warmup, and by default run a discarded pass of the first implementation.
     process_warmup: bool = False
+    #: Without --pin or --unpinned, measure pinned to CPU 0 and then unpinned, in one table.
+    both_by_default: bool = False
 
     @property
     def script(self) -> str:
@@ -908,6 +910,13 @@ class EchoBenchmark(Generic[_F]):
         parser.add_argument(
             "--pin", type=int, metavar="CPU", help=f"pin the benchmark and every {server} to CPU"
         )
+        both = "the default" if self.both_by_default else "not the default"
+        parser.add_argument(
+            "--both",
+            action="store_true",
+            help=f"measure pinned (to --pin CPU, default 0) and then unpinned, in one table ({both})",
+        )
+        parser.add_argument("--unpinned", action="store_true", help="measure unpinned only")
         parser.add_argument(
             "--only", metavar="NAMES", help=f"comma-separated subset of: {', '.join(self.impls)}"
         )
@@ -949,11 +958,47 @@ class EchoBenchmark(Generic[_F]):
         names = select_names(args.only, list(self.impls))
         if args.profile_server:
             os.makedirs(args.profile_server, exist_ok=True)
-        if args.pin is not None:
-            pin_to_cpu(args.pin)
+        if args.unpinned and (args.pin is not None or args.both):
+            parser.error("--unpinned excludes --pin and --both")
+        both = args.both or (self.both_by_default and args.pin is None and not args.unpinned)
         exit_on_sigterm()  # SIGTERM unwinds through the finally blocks that stop the servers
         warm = names[0] if self.process_warmup and not args.no_process_warmup else None
+        if not both:
+            if args.pin is not None:
+                pin_to_cpu(args.pin)
+            return self.run_mode(names, s, args, args.pin, warm, report=True)[0]
+        # Both modes in one run and one table: pinned first, then every CPU again.
+        allowed = os.sched_getaffinity(0)
+        pin = args.pin if args.pin is not None else 0
+        pin_to_cpu(pin)
+        status, pinned = self.run_mode(names, s, args, pin, warm, report=False)
+        if status:
+            return status
+        os.sched_setaffinity(0, allowed)
+        status, unpinned = self.run_mode(names, s, args, None, warm, report=False)
+        if status:
+            return status
+        self.report_both(pinned, unpinned, s, pin)
+        emit_json(
+            {
+                "benchmark": self.name,
+                "mode": "both",
+                "modes": {"pinned": pinned[3], "unpinned": unpinned[3]},
+            }
+        )
+        return 0
 
+    def run_mode(
+        self,
+        names: Sequence[str],
+        s: EchoSettings,
+        args: argparse.Namespace,
+        pin: int | None,
+        warm: str | None,
+        *,
+        report: bool,
+    ) -> tuple[int, Any]:
+        """Measure every implementation in one mode; report it alone, or return its parts."""
         started = time.monotonic()
         results: dict[str, _F] = {}
         try:
@@ -963,22 +1008,61 @@ class EchoBenchmark(Generic[_F]):
                 # short pass of the first implementation is run and discarded before any figure.
                 progress(f"process warm-up: {warm}, discarded ...")
                 short = EchoSettings(min(s.duration, 1.0), s.warmup, 1, s.measures)
-                discarded = self.run_one(warm, short, args.pin, None)
+                discarded = self.run_one(warm, short, pin, None)
                 if discarded.error:
                     progress(f"  [{discarded.error}]")
             for name in names:
-                progress(f"{name}: measuring ...")
-                fig = results[name] = self.run_one(name, s, args.pin, args.profile_server)
+                progress(f"{name}{' (pinned)' if pin is not None else ''}: measuring ...")
+                fig = results[name] = self.run_one(name, s, pin, args.profile_server)
                 progress(self.summary(fig))
         except KeyboardInterrupt:
             print(f"interrupted: every {self.server} was stopped", file=sys.stderr)
-            return 130
+            return 130, None
         elapsed = time.monotonic() - started
 
         ratios = self.compute_ratios(results)
-        self.report(results, ratios, s, args.pin, elapsed)
-        emit_json(self.json(results, ratios, s, args.pin, warm, elapsed))
-        return 0
+        data = self.json(results, ratios, s, pin, warm, elapsed)
+        if report:
+            self.report(results, ratios, s, pin, elapsed)
+            emit_json(data)
+            return 0, None
+        return 0, (results, ratios, elapsed, data)
+
+    def report_both(self, pinned: Any, unpinned: Any, s: EchoSettings, pin: int) -> None:
+        """One table for both modes: each implementation pinned, then unpinned; then the ratios."""
+        print()
+        print(self.title)
+        print(
+            f"modes: pinned (the benchmark and every {self.server} share CPU {pin}, like taskset -c "
+            f"{pin}), then unpinned (free to use the {len(os.sched_getaffinity(0))} CPUs)"
+        )
+        print(
+            f"each figure: best of {s.repeat} run(s) of {s.duration:g} s, {s.warmup:g} s warm-up first; "
+            f"whole run {pinned[2] + unpinned[2]:.0f} s"
+        )
+        print(format_versions(versions(*ECHO_VERSIONS)))
+        print()
+        rows = []
+        for label, (results, _, _, _) in (("pinned", pinned), ("unpinned", unpinned)):
+            rows += [[f"{row[0]}, {label}", *row[1:]] for row in self.figure_rows(results)]
+        print(format_table(ECHO_HEADERS, rows, "lrrlr"))
+        print()
+        width = max(map(len, self.impls)) + 1
+        for name in pinned[0]:
+            print(f"  {name:<{width}} {self.impls[name].description}")
+        if self.best is not None:
+            print(f"  {self.best.name:<{width}} {self.best.description}")
+        for label, (results, _, _, _) in (("pinned", pinned), ("unpinned", unpinned)):
+            for name, fig in results.items():
+                if fig.error:
+                    print(f"note: {name}, {label}: {fig.error}")
+        print()
+        rrows = []
+        for label, (results, ratios, _, _) in (("pinned", pinned), ("unpinned", unpinned)):
+            rrows += [[f"{row[0]}, {label}", *row[1:]] for row in self.ratio_rows(results, ratios)]
+        if rrows:
+            print(format_table(["measure", "ratio", "value", "target", "met"], rrows, "llrll"))
+            print()
 
     def server_argv(self, name: str, pin: int | None, profile_dir: str | None) -> list[str]:
         argv = [sys.executable]

@@ -205,6 +205,7 @@ BENCHMARK = EchoBenchmark(
     Figures,
     IMPLS,
     title="asyncdist remote objects benchmark",
+    both_by_default=True,
     server="daemon",
     many_label=f"(b) {CONCURRENCY} concurrent",
     best=BestOf(
