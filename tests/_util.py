@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
+from asyncdist import Connection, Proxy
 from asyncdist.testing import poll_for
 
 #: Multiply every test delay and bound by this (slow machines: 2 or more).
@@ -51,3 +53,16 @@ async def stop(proc: asyncio.subprocess.Process, timeout: float = 10.0) -> None:
     except TimeoutError:
         proc.kill()
         await proc.wait()
+
+
+def conn_of(proxy: Proxy) -> Connection | None:
+    """A proxy's connection (a function, so that type checkers do not narrow it)."""
+    return proxy._conn
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

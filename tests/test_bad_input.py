@@ -49,7 +49,7 @@ from typing import Any
 import msgpack
 import pytest
 from _evil import EvilClient, FakeServer, RawPeer, ThrottleProxy, pickle_bomb, traced
-from _util import eventually
+from _util import SCALE, eventually
 
 from asyncdist import (
     AuthenticationError,
@@ -72,7 +72,6 @@ from asyncdist.security import CertificatePaths, client_context, server_context,
 from asyncdist.server import ServerStats
 from asyncdist.testing import poll_for
 
-SCALE = float(os.environ.get("ASYNCDIST_TEST_TIME_SCALE", "1"))
 SECRET = "bad-input-secret-0123456789abcdef"
 SECRET_B = SECRET.encode()
 #: The frame limit of the servers under attack (the default is 64 MiB).

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
 import random
 import select
 import signal
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _util import eventually
+from _util import SCALE, eventually
 
 import asyncdist
 from asyncdist import (
@@ -36,7 +35,6 @@ from asyncdist import (
 )
 from asyncdist.testing import FaultProxy, connection_pair, poll_for
 
-SCALE = float(os.environ.get("ASYNCDIST_TEST_TIME_SCALE", "1"))
 PEER = Path(__file__).with_name("_peer.py")
 
 pytestmark = pytest.mark.both_loops

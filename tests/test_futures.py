@@ -25,7 +25,7 @@ from typing import Any
 
 import _futures_tasks as T
 import pytest
-from _util import alive, cpu_count, eventually, stop
+from _util import SCALE, alive, cpu_count, eventually, stop
 
 import asyncdist
 from asyncdist import (
@@ -41,7 +41,6 @@ from asyncdist.futures import close_default_pool, current_pool, default_pool, se
 from asyncdist.futures._client import existing_pool
 from asyncdist.testing import poll_for
 
-SCALE = float(os.environ.get("ASYNCDIST_TEST_TIME_SCALE", "1"))
 TESTS = Path(__file__).resolve().parent
 
 

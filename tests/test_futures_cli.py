@@ -20,12 +20,11 @@ from typing import Any
 
 import _futures_tasks as T
 import pytest
-from _util import alive, cpu_count, stop
+from _util import SCALE, alive, cpu_count, stop
 from _util import eventually as _eventually
 
 from asyncdist import AuthenticationError, Pool
 
-SCALE = float(os.environ.get("ASYNCDIST_TEST_TIME_SCALE", "1"))
 TESTS = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import _futures_tasks as T
 import pytest
-from _util import eventually
+from _util import SCALE, eventually
 
 from asyncdist import Pool
 from asyncdist.connection import Options
@@ -42,7 +42,6 @@ from asyncdist.futures import serve_broker
 from asyncdist.futures._broker import Broker
 from asyncdist.testing import FaultProxy
 
-SCALE = float(os.environ.get("ASYNCDIST_TEST_TIME_SCALE", "1"))
 TASKS = Path(T.__file__).resolve()
 
 #: Short heartbeats (scaled) for the tests about detection; the bound allows two ticks of slack.

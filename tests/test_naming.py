@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import re
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _util import eventually, stop
+from _util import SCALE, conn_of, eventually, free_port, stop
 
 import asyncdist
 from asyncdist import (
@@ -34,22 +33,8 @@ from asyncdist import (
 from asyncdist.naming import MAX_META_TAGS, NameServer, NameServerDaemon, locate_ns
 from asyncdist.objects import NS_OBJECT_ID
 
-SCALE = float(os.environ.get("ASYNCDIST_TEST_TIME_SCALE", "1"))
 #: Upper bound for anything a test waits for (a safety net: tests set their events).
 BOUND = 5.0 * SCALE
-
-
-def conn_of(proxy: Proxy) -> asyncdist.Connection | None:
-    """The proxy's connection (a function, so that type checkers do not narrow it)."""
-    return proxy._conn
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @asyncdist.expose

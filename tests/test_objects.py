@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _util import eventually
+from _util import SCALE, conn_of, eventually
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -38,18 +38,12 @@ from asyncdist import (
 from asyncdist.naming import NameServerDaemon
 from asyncdist.objects import DAEMON_OBJECT_ID, URI
 
-SCALE = float(os.environ.get("ASYNCDIST_TEST_TIME_SCALE", "1"))
 #: Upper bound for anything a test waits for (a safety net: tests set their events).
 BOUND = 5.0 * SCALE
 
 
 def oid_of(uri: str) -> str:
     return URI.parse(uri).object
-
-
-def conn_of(proxy: Proxy) -> asyncdist.Connection | None:
-    """The proxy's connection (a function, so that type checkers do not narrow it)."""
-    return proxy._conn
 
 
 @contextlib.asynccontextmanager

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import msgpack
 import pytest
 from _evil import EvilClient, pickle_bomb, traced
-from _util import eventually
+from _util import SCALE, eventually
 
 from asyncdist import (
     AuthenticationError,
@@ -61,7 +61,6 @@ from asyncdist import protocol as P
 from asyncdist.naming import MAX_META_LEN, MAX_META_TAGS, MAX_URI, NameServerDaemon, publish
 from asyncdist.objects import DAEMON_OBJECT_ID, NS_OBJECT_ID, Daemon
 
-SCALE = float(os.environ.get("ASYNCDIST_TEST_TIME_SCALE", "1"))
 SERVER = Path(__file__).with_name("_objects_server.py")
 SECRET = "objects-faults-secret-0123456789abcdef"
 MIB = 1 << 20

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import uvloop
-from _util import eventually
+from _util import SCALE, eventually, free_port
 
 import asyncdist
 from asyncdist import (
@@ -36,19 +36,9 @@ from asyncdist import (
 from asyncdist.security import WeakSecretWarning
 from asyncdist.testing import connection_pair
 
-SCALE = float(os.environ.get("ASYNCDIST_TEST_TIME_SCALE", "1"))
-
 
 def echo(x: Any) -> Any:
     return x
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
