@@ -21,8 +21,11 @@
     ├── NoWorkersError                no worker joined within no_workers_timeout (futures)
     ├── NamingError                   a name is not registered, or the name server refused it
     │                                 (objects; also a builtin LookupError)
-    └── UnknownObjectError            no object with that id is registered in the daemon
-                                      (objects; also a builtin LookupError)
+    ├── UnknownObjectError            no object with that id is registered in the daemon
+    │                                 (objects; also a builtin LookupError)
+    └── ChannelEnded                  csp: the channel cannot be used any more
+        ├── ChannelPoisoned           ... it was poisoned (csp.poison)
+        └── ChannelRetired            ... every writer (or every reader) retired (csp.retire)
 
 Timeouts are the builtin :class:`TimeoutError`, as raised by :func:`asyncio.timeout`.
 
@@ -44,6 +47,9 @@ from typing import Any, TypeVar
 __all__ = [
     "AsyncDistError",
     "AuthenticationError",
+    "ChannelEnded",
+    "ChannelPoisoned",
+    "ChannelRetired",
     "BrokerLost",
     "CommunicationError",
     "ConfigurationError",
@@ -143,6 +149,18 @@ class NamingError(AsyncDistError, LookupError):
 
 class UnknownObjectError(AsyncDistError, LookupError):
     """The daemon has no object registered under the requested id (never registered, or gone)."""
+
+
+class ChannelEnded(AsyncDistError):
+    """A CSP channel end can no longer be used: the channel was poisoned or retired."""
+
+
+class ChannelPoisoned(ChannelEnded):
+    """The channel was poisoned: every pending and later read or write on it raises this."""
+
+
+class ChannelRetired(ChannelEnded):
+    """Every writer (for a reader) or every reader (for a writer) of the channel has retired."""
 
 
 class RemoteError(AsyncDistError):
@@ -252,5 +270,8 @@ for _cls in (
     NoWorkersError,
     NamingError,
     UnknownObjectError,
+    ChannelEnded,
+    ChannelPoisoned,
+    ChannelRetired,
 ):
     register_error(_cls)

@@ -1,0 +1,190 @@
+"""Alternation: commit exactly one of several guards (``AltSelect``, ``FairSelect``, ``PriSelect``).
+
+All the offers of one alternation share one :class:`~._channel.Choice`; a
+channel's home commits a guard only while that choice is open, and closing
+it withdraws every other offer, so an alternation never takes two values
+and never loses one, however many alternations compete for the same
+channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import weakref
+from typing import Any
+
+from ._channel import ChannelEnd, Choice, Home, Offer, ReaderEnd, WriterEnd
+
+__all__ = [
+    "AltSelect",
+    "FairSelect",
+    "Guard",
+    "InputGuard",
+    "OutputGuard",
+    "PriSelect",
+    "SkipGuard",
+    "TimeoutGuard",
+]
+
+
+class Guard:
+    """One alternative of an alternation."""
+
+    def _home(self) -> Home | None:
+        return None
+
+
+class InputGuard(Guard):
+    """Ready when ``cin`` can be read; the alternation returns ``(guard, value)``."""
+
+    def __init__(self, cin: ReaderEnd) -> None:
+        if not isinstance(cin, ReaderEnd):
+            raise TypeError("InputGuard needs a reader end")
+        self.end: ChannelEnd = cin
+
+    def _home(self) -> Home:
+        return self.end._home
+
+    def __repr__(self) -> str:
+        return f"InputGuard({self.end!r})"
+
+
+class OutputGuard(Guard):
+    """Ready when ``msg`` can be written to ``cout``; the alternation returns ``(guard, None)``."""
+
+    def __init__(self, cout: WriterEnd, msg: Any) -> None:
+        if not isinstance(cout, WriterEnd):
+            raise TypeError("OutputGuard needs a writer end")
+        self.end: ChannelEnd = cout
+        self.msg = msg
+
+    def _home(self) -> Home:
+        return self.end._home
+
+    def __repr__(self) -> str:
+        return f"OutputGuard({self.end!r}, msg={self.msg!r})"
+
+
+class TimeoutGuard(Guard):
+    """Ready once ``seconds`` have passed since the alternation started."""
+
+    def __init__(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("seconds must not be negative")
+        self.seconds = seconds
+
+    def __repr__(self) -> str:
+        return f"TimeoutGuard(seconds={self.seconds:g})"
+
+
+class SkipGuard(Guard):
+    """Always ready, with the lowest priority: taken when nothing else is ready now."""
+
+    def __repr__(self) -> str:
+        return "SkipGuard()"
+
+
+# How often each channel home was chosen by FairSelect: the least chosen ready one wins.
+_chosen: weakref.WeakKeyDictionary[Home, int] = weakref.WeakKeyDictionary()
+
+
+async def _select(guards: tuple[Guard, ...], order: list[int]) -> tuple[Guard, Any]:
+    if not guards:
+        raise ValueError("an alternation needs at least one guard")
+    for g in guards:
+        if not isinstance(g, Guard):
+            raise TypeError(f"not a guard: {g!r}")
+        if isinstance(g, InputGuard | OutputGuard):
+            g.end._check()
+            if g.end._link is not None:  # WIP (branch csp-wip): see CSP-WIP.md, point 2
+                raise NotImplementedError("alternation over networked channels is not built yet")
+    loop = asyncio.get_running_loop()
+    choice = Choice(loop)
+    # Offer the guards in priority order: the first one that can complete at once wins.
+    for i in order:
+        g = guards[i]
+        if isinstance(g, InputGuard):
+            offer = Offer(choice, g.end._home, "read", tag=g)
+        elif isinstance(g, OutputGuard):
+            offer = Offer(choice, g.end._home, "write", g.msg, tag=g)
+        else:
+            continue
+        choice.offers.append(offer)
+        offer.home.offer(offer)
+        if not choice.open:
+            break
+    if choice.open:
+        skip = next((g for g in guards if isinstance(g, SkipGuard)), None)
+        if skip is not None:
+            choice.close()
+            return skip, None
+    timer = None
+    if choice.open:
+        seconds = min((g.seconds for g in guards if isinstance(g, TimeoutGuard)), default=None)
+        if seconds is not None:
+            timeout = next(g for g in guards if isinstance(g, TimeoutGuard) and g.seconds == seconds)
+            timeout_offer = Offer(choice, _NO_HOME, "read", tag=timeout)
+            timer = loop.call_later(seconds, _expire, choice, timeout_offer)
+    try:
+        offer, value = await choice.future
+    except asyncio.CancelledError:
+        if not choice.future.done() or choice.future.cancelled():
+            choice.close()
+        elif choice.future.exception() is None:
+            won, _ = choice.future.result()
+            if won.home is not _NO_HOME:
+                won.home.give_back(choice)
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+    return offer.tag, value
+
+
+def _expire(choice: Choice, offer: Offer) -> None:
+    if choice.open:
+        choice.win(offer, None)
+
+
+class _NoHome(Home):
+    """Stands for the home of a timeout: it holds nothing."""
+
+    def withdraw(self, offer: Offer) -> None:
+        return None
+
+
+_NO_HOME: Home = _NoHome.__new__(_NoHome)
+
+
+async def PriSelect(*guards: Guard) -> tuple[Guard, Any]:
+    """Commit one guard, preferring the first ready one in argument order; return ``(guard, msg)``.
+
+    ``msg`` is the value read (InputGuard) or None. A SkipGuard is taken when
+    no other guard is ready at once; a TimeoutGuard when nothing became
+    ready in time. Raises ChannelPoisoned / ChannelRetired if a guard's
+    channel is poisoned or retired.
+    """
+    return await _select(guards, list(range(len(guards))))
+
+
+async def AltSelect(*guards: Guard) -> tuple[Guard, Any]:
+    """Commit one guard, choosing at random among those ready at once; return ``(guard, msg)``."""
+    order = list(range(len(guards)))
+    random.shuffle(order)
+    return await _select(guards, order)
+
+
+async def FairSelect(*guards: Guard) -> tuple[Guard, Any]:
+    """Commit one guard, preferring the channel chosen least often so far; return ``(guard, msg)``."""
+
+    def used(i: int) -> int:
+        home = guards[i]._home()
+        return _chosen.get(home, 0) if home is not None else 0
+
+    order = sorted(range(len(guards)), key=used)
+    guard, msg = await _select(guards, order)
+    home = guard._home()
+    if home is not None:
+        _chosen[home] = _chosen.get(home, 0) + 1
+    return guard, msg
