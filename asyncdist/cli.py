@@ -173,6 +173,35 @@ def _cmd_ns(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_csp_server(args: argparse.Namespace) -> int:
+    from .csp import ChannelServer
+    from .loop import run
+
+    async def main() -> None:
+        server = await ChannelServer.start(
+            args.host,
+            args.port,
+            secret=_read_secret_line() if args.secret_stdin else None,
+            ssl=_ssl_context(args, server=True),
+            insecure=args.insecure,
+            advertise=args.advertise,
+            secret_file=args.secret_file,
+            **parse_options(args.option),
+        )
+        host, port = server.address
+        await _serve_until_signal(server, f"asyncdist csp channel server listening on {host}:{port}")
+
+    run(main())
+    return 0
+
+
+def _cmd_csp_trace(args: argparse.Namespace) -> int:
+    from .csp._trace import render
+
+    render(args.path)
+    return 0
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from .futures import run_worker
     from .futures._worker import import_main
@@ -297,6 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option_argument(p)
     _add_security(p, server=True)
     p.set_defaults(func=_cmd_ns)
+
+    p = sub.add_parser("csp-server", help="serve named CSP channels to other processes (csp.ChannelServer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8888, help="port to listen on (default 8888; 0: any)")
+    p.add_argument("--advertise", help="host name put in channel ends sent to other processes")
+    p.add_argument(
+        "--secret-stdin", action="store_true", help="read the shared secret from the first line of stdin"
+    )
+    _add_option_argument(p)
+    _add_security(p, server=True)
+    p.set_defaults(func=_cmd_csp_server)
+
+    p = sub.add_parser("csp-trace", help="print a CSP trace (csp.TraceInit) as a readable timeline")
+    p.add_argument("path", help="the trace file (JSON lines)")
+    p.set_defaults(func=_cmd_csp_trace)
 
     p = sub.add_parser("run", help="run a script on a local cluster (like python -m asyncdist)")
     _add_run_arguments(p)

@@ -7,9 +7,17 @@ propagation through :func:`process` endings; :func:`Parallel`,
 :func:`Sequence`, :func:`Spawn`; alternation with :func:`AltSelect`,
 :func:`FairSelect`, :func:`PriSelect` over :class:`InputGuard`,
 :class:`OutputGuard`, :class:`TimeoutGuard` and :class:`SkipGuard`.
+
+Across processes and hosts: a :class:`ChannelServer` (or ``asyncdist
+csp-server``) serves named channels, ``Channel(name, connect=(host, port))``
+joins one from another process with the same semantics, ends are mobile
+(sent over channels or given to a :func:`multiprocess` child), and
+:func:`shutdown` closes this loop's servers and links. :func:`TraceInit` /
+:func:`TraceQuit` log a run as JSON lines (``asyncdist csp-trace PATH``).
 """
 
 from ..errors import ChannelEnded, ChannelPoisoned, ChannelRetired
+from . import _mobile  # noqa: F401 - registers channel ends as mobile (they travel between processes)
 from ._alt import AltSelect, FairSelect, Guard, InputGuard, OutputGuard, PriSelect, SkipGuard, TimeoutGuard
 from ._channel import (
     Any2AnyChannel,
@@ -22,7 +30,8 @@ from ._channel import (
     WriterEnd,
 )
 from ._net import ChannelServer, shutdown
-from ._process import Parallel, Process, Sequence, Spawn, poison, process, retire
+from ._process import Parallel, Process, Sequence, Spawn, multiprocess, poison, process, retire
+from ._trace import TraceInit, TraceQuit
 
 __all__ = [
     "AltSelect",
@@ -48,7 +57,10 @@ __all__ = [
     "SkipGuard",
     "Spawn",
     "TimeoutGuard",
+    "TraceInit",
+    "TraceQuit",
     "WriterEnd",
+    "multiprocess",
     "poison",
     "process",
     "retire",

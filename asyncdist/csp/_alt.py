@@ -10,11 +10,15 @@ channels.
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 import weakref
 from typing import Any
 
-from ._channel import ChannelEnd, Choice, Home, Offer, ReaderEnd, WriterEnd
+from . import _trace
+from ._channel import ChannelEnd, ReaderEnd, WriterEnd
+from ._home import Choice, Home, Offer, Packed
+from ._net import RemoteLink
 
 __all__ = [
     "AltSelect",
@@ -31,8 +35,7 @@ __all__ = [
 class Guard:
     """One alternative of an alternation."""
 
-    def _home(self) -> Home | None:
-        return None
+    end: ChannelEnd | None = None
 
 
 class InputGuard(Guard):
@@ -42,9 +45,6 @@ class InputGuard(Guard):
         if not isinstance(cin, ReaderEnd):
             raise TypeError("InputGuard needs a reader end")
         self.end: ChannelEnd = cin
-
-    def _home(self) -> Home:
-        return self.end._home
 
     def __repr__(self) -> str:
         return f"InputGuard({self.end!r})"
@@ -58,9 +58,6 @@ class OutputGuard(Guard):
             raise TypeError("OutputGuard needs a writer end")
         self.end: ChannelEnd = cout
         self.msg = msg
-
-    def _home(self) -> Home:
-        return self.end._home
 
     def __repr__(self) -> str:
         return f"OutputGuard({self.end!r}, msg={self.msg!r})"
@@ -85,20 +82,73 @@ class SkipGuard(Guard):
         return "SkipGuard()"
 
 
-# How often each channel home was chosen by FairSelect: the least chosen ready one wins.
-_chosen: weakref.WeakKeyDictionary[Home, int] = weakref.WeakKeyDictionary()
+# How often each channel was chosen by FairSelect: the least chosen ready one wins.
+_chosen: weakref.WeakKeyDictionary[Home | RemoteLink, collections.Counter[str]] = weakref.WeakKeyDictionary()
+
+
+def _fair_key(guard: Guard) -> tuple[Home | RemoteLink, str] | None:
+    end = guard.end
+    if end is None:
+        return None
+    return (end._link if end._link is not None else end._home), end.channel.name
 
 
 async def _select(guards: tuple[Guard, ...], order: list[int]) -> tuple[Guard, Any]:
     if not guards:
         raise ValueError("an alternation needs at least one guard")
+    links: set[RemoteLink | None] = set()
     for g in guards:
         if not isinstance(g, Guard):
             raise TypeError(f"not a guard: {g!r}")
-        if isinstance(g, InputGuard | OutputGuard):
+        if g.end is not None:
             g.end._check()
-            if g.end._link is not None:  # WIP (branch csp-wip): see CSP-WIP.md, point 2
-                raise NotImplementedError("alternation over networked channels is not built yet")
+            links.add(g.end._link)
+    if len(links) > 1:
+        raise ValueError(
+            "the channel guards of one alternation must all be local channels or all channels of one "
+            "channel server (serve the local channels from that server, or split the alternation)"
+        )
+    link = links.pop() if links else None
+    if link is not None:
+        guard, msg = await _select_remote(link, guards, order)
+    else:
+        guard, msg = await _select_local(guards, order)
+    if _trace.tracer is not None:
+        _trace.event(
+            "select",
+            guard=type(guard).__name__,
+            channel=guard.end.channel.name if guard.end is not None else None,
+            value=msg,
+        )
+    return guard, msg
+
+
+def _timeout(guards: tuple[Guard, ...]) -> TimeoutGuard | None:
+    timeouts = [g for g in guards if isinstance(g, TimeoutGuard)]
+    return min(timeouts, key=lambda g: g.seconds) if timeouts else None
+
+
+async def _select_remote(link: RemoteLink, guards: tuple[Guard, ...], order: list[int]) -> tuple[Guard, Any]:
+    """An alternation over channels of one server: the server commits it atomically."""
+    chosen = [i for i in order if isinstance(guards[i], InputGuard | OutputGuard)]
+    offers = []
+    for i in chosen:
+        g = guards[i]
+        assert g.end is not None
+        kind = g.end.kind
+        offers.append((g.end.channel.name, kind, g.msg if isinstance(g, OutputGuard) else None))
+    skip = next((g for g in guards if isinstance(g, SkipGuard)), None)
+    timeout = _timeout(guards)
+    index, msg = await link.alt(offers, skip is not None, timeout.seconds if timeout is not None else None)
+    if index >= 0:
+        return guards[chosen[index]], msg
+    if index == -1 and skip is not None:
+        return skip, None
+    assert timeout is not None
+    return timeout, None
+
+
+async def _select_local(guards: tuple[Guard, ...], order: list[int]) -> tuple[Guard, Any]:
     loop = asyncio.get_running_loop()
     choice = Choice(loop)
     # Offer the guards in priority order: the first one that can complete at once wins.
@@ -121,11 +171,10 @@ async def _select(guards: tuple[Guard, ...], order: list[int]) -> tuple[Guard, A
             return skip, None
     timer = None
     if choice.open:
-        seconds = min((g.seconds for g in guards if isinstance(g, TimeoutGuard)), default=None)
-        if seconds is not None:
-            timeout = next(g for g in guards if isinstance(g, TimeoutGuard) and g.seconds == seconds)
+        timeout = _timeout(guards)
+        if timeout is not None:
             timeout_offer = Offer(choice, _NO_HOME, "read", tag=timeout)
-            timer = loop.call_later(seconds, _expire, choice, timeout_offer)
+            timer = loop.call_later(timeout.seconds, _expire, choice, timeout_offer)
     try:
         offer, value = await choice.future
     except asyncio.CancelledError:
@@ -139,6 +188,8 @@ async def _select(guards: tuple[Guard, ...], order: list[int]) -> tuple[Guard, A
     finally:
         if timer is not None:
             timer.cancel()
+    if type(value) is Packed:
+        value = offer.home.codec.decode(value.data)
     return offer.tag, value
 
 
@@ -179,12 +230,15 @@ async def FairSelect(*guards: Guard) -> tuple[Guard, Any]:
     """Commit one guard, preferring the channel chosen least often so far; return ``(guard, msg)``."""
 
     def used(i: int) -> int:
-        home = guards[i]._home()
-        return _chosen.get(home, 0) if home is not None else 0
+        key = _fair_key(guards[i])
+        if key is None:
+            return 0
+        counts = _chosen.get(key[0])
+        return counts[key[1]] if counts is not None else 0
 
     order = sorted(range(len(guards)), key=used)
     guard, msg = await _select(guards, order)
-    home = guard._home()
-    if home is not None:
-        _chosen[home] = _chosen.get(home, 0) + 1
+    key = _fair_key(guard)
+    if key is not None:
+        _chosen.setdefault(key[0], collections.Counter())[key[1]] += 1
     return guard, msg

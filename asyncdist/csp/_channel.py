@@ -1,22 +1,4 @@
-"""Channels: the home of a channel's state, its reader and writer ends, poison and retire.
-
-Every channel has one *home* (:class:`Home`) that holds its state: the
-buffered values, the reads and writes waiting, and whether it is poisoned
-or retired. A read or a write is an *offer* made on behalf of a *choice*
-(:class:`Choice`): a plain read or write is a choice of one offer; an
-alternation is one choice with an offer per guard. The home matches a read
-offer with a write offer only when both choices are still open and commits
-both at once, so a value is never lost or delivered twice, and an
-alternation commits exactly one of its guards. Matching is synchronous on
-the home's event loop, which makes it atomic.
-
-Semantics (PyCSP's): ``buffer=0`` is a rendezvous, a write completes when a
-reader has taken the value; ``buffer=N`` is a bounded queue. Poison makes
-every pending and later operation raise :class:`ChannelPoisoned`. Retire:
-when every writer end that joined has retired, reads raise
-:class:`ChannelRetired` once the buffer is drained; when every reader end
-has retired, writes raise it.
-"""
+"""Channels and their ends: :class:`Channel`, :class:`ReaderEnd`, :class:`WriterEnd`."""
 
 from __future__ import annotations
 
@@ -24,253 +6,27 @@ import asyncio
 import concurrent.futures
 import itertools
 import threading
-from collections import deque
-from collections.abc import Callable, Coroutine
-from typing import Any, Final, Literal
+import weakref
+from collections.abc import Coroutine
+from typing import Any, Final
 
-from ..errors import ChannelEnded, ChannelPoisoned, ChannelRetired
-from ._net import RemoteLink, link_for
+from ..errors import ChannelRetired
+from . import _trace
+from ._home import Choice, Home, Kind, Offer, Packed, local_homes
+from ._net import RemoteLink, link_for, local_server
 
 __all__ = [
     "Any2AnyChannel",
     "Any2OneChannel",
     "Channel",
     "ChannelEnd",
-    "Choice",
-    "Home",
-    "Offer",
     "One2AnyChannel",
     "One2OneChannel",
     "ReaderEnd",
     "WriterEnd",
 ]
 
-Kind = Literal["read", "write"]
 _names = itertools.count(1)
-_MISSING: Final = object()
-
-
-class Choice:
-    """One operation waiting to happen: a read, a write, or an alternation over several offers.
-
-    ``commit()`` succeeds once; the winner's outcome is set on ``future``.
-    """
-
-    __slots__ = ("_open", "future", "offers")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.future: asyncio.Future[tuple[Offer, Any]] = loop.create_future()
-        self.offers: list[Offer] = []
-        self._open = True
-
-    @property
-    def open(self) -> bool:
-        """Still waiting to be committed (a cancelled waiter's future closes it at once)."""
-        return self._open and not self.future.done()
-
-    def close(self) -> None:
-        """Withdraw every offer of this choice (it was committed, cancelled or timed out)."""
-        self._open = False
-        for offer in self.offers:
-            offer.home.withdraw(offer)
-        self.offers.clear()
-
-    def win(self, offer: Offer, value: Any) -> None:
-        self.close()
-        if not self.future.done():
-            self.future.set_result((offer, value))
-
-    def fail(self, exc: BaseException) -> None:
-        self.close()
-        if not self.future.done():
-            self.future.set_exception(exc)
-
-
-class Offer:
-    """A read or a write offered to a channel's home on behalf of a choice."""
-
-    __slots__ = ("choice", "home", "kind", "tag", "value")
-
-    def __init__(self, choice: Choice, home: Home, kind: Kind, value: Any = None, tag: Any = None) -> None:
-        self.choice = choice
-        self.home = home
-        self.kind = kind
-        self.value = value
-        #: What the choice knows this offer by (an alternation's guard).
-        self.tag = tag
-
-
-class Home:
-    """The state of one channel, on the event loop that hosts it."""
-
-    def __init__(self, name: str, buffer: int, loop: asyncio.AbstractEventLoop) -> None:
-        if buffer < 0:
-            raise ValueError("buffer must be 0 (a rendezvous) or a positive capacity")
-        self.name = name
-        self.capacity = buffer
-        self.loop = loop
-        self.values: deque[Any] = deque()
-        self.readers: deque[Offer] = deque()
-        self.writers: deque[Offer] = deque()
-        self.poisoned = False
-        self.joined = {"read": 0, "write": 0}
-        self.retired = {"read": False, "write": False}
-        self.observers: list[Callable[[str, dict[str, Any]], None]] = []
-
-    # -- membership ------------------------------------------------------------------------
-
-    def join(self, kind: Kind) -> None:
-        self.joined[kind] += 1
-
-    def leave(self, kind: Kind) -> None:
-        """An end retired: when the last of its kind leaves, the other side sees retirement."""
-        self.joined[kind] -= 1
-        if self.joined[kind] <= 0 and not self.retired[kind]:
-            self.retired[kind] = True
-            self._emit("retire", kind=kind)
-            self._fail_waiting()
-
-    def disconnect(self, kind: Kind) -> None:
-        """An end leaves without retiring the channel (it may join again)."""
-        self.joined[kind] = max(0, self.joined[kind] - 1)
-
-    # -- state checks ------------------------------------------------------------------------
-
-    def ended(self, kind: Kind) -> ChannelEnded | None:
-        """Why an offer of ``kind`` can never complete now, or None."""
-        if self.poisoned:
-            return ChannelPoisoned(f"channel {self.name!r} is poisoned")
-        if kind == "read" and self.retired["write"] and not self.values and not self._live(self.writers):
-            return ChannelRetired(f"every writer of channel {self.name!r} retired")
-        if kind == "write" and self.retired["read"]:
-            return ChannelRetired(f"every reader of channel {self.name!r} retired")
-        return None
-
-    @staticmethod
-    def _live(queue: deque[Offer]) -> bool:
-        return any(o.choice.open for o in queue)
-
-    def ready(self, kind: Kind) -> bool:
-        """Whether an offer of ``kind`` would complete at once."""
-        if kind == "read":
-            return bool(self.values) or self._live(self.writers)
-        return len(self.values) < self.capacity or self._live(self.readers)
-
-    # -- offers ------------------------------------------------------------------------------
-
-    def offer(self, offer: Offer) -> bool:
-        """Try to complete ``offer`` now; queue it if it must wait. True if it completed."""
-        ended = self.ended(offer.kind)
-        if ended is not None:
-            offer.choice.fail(ended)
-            return True
-        done = self._read(offer) if offer.kind == "read" else self._write(offer)
-        if not done:
-            (self.readers if offer.kind == "read" else self.writers).append(offer)
-        return done
-
-    def _next_live(self, queue: deque[Offer], exclude: Choice) -> Offer | None:
-        while queue:
-            other = queue[0]
-            if not other.choice.open:
-                queue.popleft()
-                continue
-            if other.choice is exclude:  # an alternation cannot read from itself
-                for candidate in itertools.islice(queue, 1, None):
-                    if candidate.choice.open and candidate.choice is not exclude:
-                        return candidate
-                return None
-            return other
-        return None
-
-    def _read(self, offer: Offer) -> bool:
-        if self.values:
-            value = self.values.popleft()
-            writer = self._next_live(self.writers, offer.choice) if len(self.values) < self.capacity else None
-            if writer is not None:  # room again: the first waiting writer's value moves in
-                self._take(self.writers, writer)
-                self.values.append(writer.value)
-                writer.choice.win(writer, None)
-                self._emit("write", value=writer.value)
-            offer.choice.win(offer, value)
-            self._emit("read", value=value)
-            return True
-        writer = self._next_live(self.writers, offer.choice)
-        if writer is None:
-            return False
-        self._take(self.writers, writer)
-        writer.choice.win(writer, None)
-        offer.choice.win(offer, writer.value)
-        self._emit("write", value=writer.value)
-        self._emit("read", value=writer.value)
-        return True
-
-    def _write(self, offer: Offer) -> bool:
-        reader = self._next_live(self.readers, offer.choice)
-        if reader is not None and not self.values:
-            self._take(self.readers, reader)
-            reader.choice.win(reader, offer.value)
-            offer.choice.win(offer, None)
-            self._emit("write", value=offer.value)
-            self._emit("read", value=offer.value)
-            return True
-        if len(self.values) < self.capacity:
-            self.values.append(offer.value)
-            offer.choice.win(offer, None)
-            self._emit("write", value=offer.value)
-            return True
-        return False
-
-    @staticmethod
-    def _take(queue: deque[Offer], offer: Offer) -> None:
-        try:
-            queue.remove(offer)
-        except ValueError:
-            pass
-
-    def give_back(self, choice: Choice) -> None:
-        """A reader was cancelled after its read committed: the value goes back, first in line."""
-        fut = choice.future
-        if fut.done() and not fut.cancelled() and fut.exception() is None:
-            offer, value = fut.result()
-            if offer.kind == "read":
-                self.values.appendleft(value)
-                self._emit("give-back", value=value)
-                reader = self._next_live(self.readers, choice)
-                if reader is not None:
-                    self._take(self.readers, reader)
-                    self._read(reader)
-
-    def withdraw(self, offer: Offer) -> None:
-        """Remove a waiting offer whose choice is closed (cheap: also done lazily)."""
-        queue = self.readers if offer.kind == "read" else self.writers
-        if queue and queue[-1] is offer:
-            queue.pop()
-
-    # -- ending ------------------------------------------------------------------------------
-
-    def poison(self) -> None:
-        if self.poisoned:
-            return
-        self.poisoned = True
-        self.values.clear()
-        self._emit("poison")
-        self._fail_waiting()
-
-    def _fail_waiting(self) -> None:
-        for queue in (self.readers, self.writers):
-            waiting = [o for o in queue if o.choice.open]
-            queue.clear()
-            for offer in waiting:
-                ended = self.ended(offer.kind)
-                if ended is None:
-                    queue.append(offer)  # still possible (a read of buffered values)
-                else:
-                    offer.choice.fail(ended)
-
-    def _emit(self, event: str, **fields: Any) -> None:
-        for observe in self.observers:
-            observe(event, {"channel": self.name, **fields})
 
 
 class ThreadScope:
@@ -309,19 +65,27 @@ def _run_here(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -
 
 
 class ChannelEnd:
-    """A reader or writer end of a channel: what processes are given."""
+    """A reader or writer end of a channel: what processes are given.
+
+    An end of a local channel works on its home directly; an end of a
+    networked channel (``Channel(name, connect=...)``, or an end that
+    arrived from another process) goes through this loop's link to the
+    channel's server. Ends can be sent over channels and to other processes
+    (mobile ends): the receiver gets an end of the same channel.
+    """
 
     kind: Kind
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, *, joined: bool = False) -> None:
         self.channel = channel
         self._home = channel._home
         self._link = channel._link
         self._active = True
-        if self._link is not None:
-            self._link.join(channel.name, self.kind, channel._buffer)
-        else:
-            self._home.join(self.kind)
+        if not joined:
+            if self._link is not None:
+                self._link.send("csp.join", channel.name, self.kind, channel._buffer)
+            else:
+                self._home.join(self.kind)
 
     def _check(self) -> None:
         if not self._active:
@@ -340,33 +104,39 @@ class ChannelEnd:
     async def _op(self, value: Any = None) -> Any:
         self._check()
         if self._link is not None:
-            return await self._link.call("csp.op", self.channel.name, self.kind, value)
-        choice = Choice(self._home.loop)
-        offer = Offer(choice, self._home, self.kind, value)
-        choice.offers.append(offer)
-        if not self._home.offer(offer):
-            try:
-                await choice.future
-            except asyncio.CancelledError:
-                if not choice.future.done() or choice.future.cancelled():
-                    choice.close()
-                else:
-                    self._home.give_back(choice)
-                raise
-        _, result = choice.future.result()
+            result = await self._link.op(self.channel.name, self.kind, value)
+        else:
+            choice = Choice(self._home.loop)
+            offer = Offer(choice, self._home, self.kind, value)
+            choice.offers.append(offer)
+            if not self._home.offer(offer):
+                try:
+                    await choice.future
+                except asyncio.CancelledError:
+                    if not choice.future.done() or choice.future.cancelled():
+                        choice.close()
+                    else:
+                        self._home.give_back(choice)
+                    raise
+            result = choice.future.result()[1]
+            if type(result) is Packed:
+                result = self._home.codec.decode(result.data)
+        if _trace.tracer is not None:
+            _trace.event(
+                self.kind, channel=self.channel.name, value=value if self.kind == "write" else result
+            )
         return result
 
     async def poison(self) -> None:
         """Poison the channel (the same as ``await csp.poison(end)``)."""
-        if self._link is not None:
-            await self._link.call("csp.poison", self.channel.name)
-        else:
-            self._home.poison()
+        await self.channel.poison()
 
     async def retire(self) -> None:
         """Leave the channel for good; the last end of a kind to leave retires that side."""
         if self._active:
             self._active = False
+            if _trace.tracer is not None:
+                _trace.event("retire", channel=self.channel.name, kind=self.kind)
             if self._link is not None:
                 await self._link.call("csp.retire", self.channel.name, self.kind)
             else:
@@ -377,9 +147,10 @@ class ChannelEnd:
         if self._active:
             self._active = False
             if self._link is not None:
-                self._link.leave(self.channel.name, self.kind)
+                self._link.send("csp.leave", self.channel.name, self.kind)
             else:
                 self._home.disconnect(self.kind)
+            self.channel._ends_left(self)
 
     def __repr__(self) -> str:
         return f"<{self.kind} end of {self.channel!r}>"
@@ -422,8 +193,13 @@ class Channel:
 
     ``Channel(name=None, buffer=0)``: ``buffer=0`` is a rendezvous,
     ``buffer=N`` a bounded queue. ``reader()`` and ``writer()`` make ends to
-    give to processes. The channel belongs to the event loop it is made in
-    (a plain process in a thread reaches it through that loop).
+    give to processes. A local channel belongs to the event loop it is made
+    in (a plain process in a thread reaches it through that loop); a
+    :class:`~asyncdist.csp.ChannelServer` running on that loop serves it to
+    other processes by name. ``Channel(name, connect=(host, port))`` joins
+    the channel of that name on the channel server at that address (made
+    there on first use, with this ``buffer``); other keyword arguments are
+    :func:`asyncdist.connect` options (``secret``, ``ssl``, heartbeats...).
     """
 
     max_readers: int | None = None
@@ -437,19 +213,42 @@ class Channel:
         connect: tuple[str, int] | None = None,
         **options: Any,
     ) -> None:
+        if type(buffer) is not int or buffer < 0:
+            raise ValueError("buffer must be 0 (a rendezvous) or a positive capacity")
         self.name = name if name is not None else f"channel-{next(_names)}"
         self._buffer = buffer
         self._link: RemoteLink | None = None
+        self._ends = {"read": 0, "write": 0}
+        self._made: weakref.WeakSet[ChannelEnd] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        loop = _current_loop()
         if connect is not None:
             if name is None:
                 raise ValueError("a networked channel needs a name: Channel('B', connect=(host, port))")
-            _current_loop()
-            self._link = link_for(connect, **options)
-            self._home: Home = _REMOTE
+            server = local_server(loop, connect)
+            if server is not None:  # this loop's own server: use the channel directly
+                self._home: Home = server.home(self.name, buffer)
+            else:
+                self._link = link_for(connect, **options)
+                self._home = _REMOTE
         else:
-            self._home = Home(self.name, buffer, _current_loop())
-        self._ends = {"read": 0, "write": 0}
-        self._lock = threading.Lock()
+            if options:
+                raise TypeError(f"unexpected arguments for a local channel: {', '.join(options)}")
+            self._home = Home(self.name, buffer, loop)
+            local_homes(loop).setdefault(self.name, self._home)
+
+    @classmethod
+    def _attached(cls, name: str, buffer: int, *, home: Home | None, link: RemoteLink | None) -> Channel:
+        """A channel object for an end that arrived from elsewhere (its home or link given)."""
+        channel = cls.__new__(cls)
+        channel.name = name
+        channel._buffer = buffer
+        channel._link = link
+        channel._home = home if home is not None else _REMOTE
+        channel._ends = {"read": 0, "write": 0}
+        channel._made = weakref.WeakSet()
+        channel._lock = threading.Lock()
+        return channel
 
     @property
     def buffer(self) -> int:
@@ -465,25 +264,42 @@ class Channel:
                 )
             self._ends[kind] += 1
 
+    def _ends_left(self, end: ChannelEnd) -> None:
+        with self._lock:
+            self._ends[end.kind] = max(0, self._ends[end.kind] - 1)
+
     def reader(self) -> ReaderEnd:
         """A new reader end (it joins the channel's readers)."""
         self._new_end("read")
-        return ReaderEnd(self)
+        end = ReaderEnd(self)
+        self._made.add(end)
+        return end
 
     def writer(self) -> WriterEnd:
         """A new writer end (it joins the channel's writers)."""
         self._new_end("write")
-        return WriterEnd(self)
+        end = WriterEnd(self)
+        self._made.add(end)
+        return end
 
     async def poison(self) -> None:
-        """Poison the channel."""
+        """Poison the channel: every pending and later read or write on any end raises."""
+        if _trace.tracer is not None:
+            _trace.event("poison", channel=self.name)
         if self._link is not None:
             await self._link.call("csp.poison", self.name)
         else:
             self._home.poison()
 
     def disconnect(self) -> None:
-        """Nothing to release for a local channel; ends of a networked one leave it one by one."""
+        """Every end made from this channel object leaves it, without poisoning or retiring it.
+
+        PyCSP's ``Channel.Disconnect()``: a client of a networked channel is
+        done with it; the channel and its other ends go on (and this process
+        may join it again with a new ``Channel(name, connect=...)``).
+        """
+        for end in list(self._made):
+            end.disconnect()
 
     def __repr__(self) -> str:
         extra = f", buffer={self.buffer}" if self.buffer else ""

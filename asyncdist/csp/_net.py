@@ -1,132 +1,434 @@
-"""Networked channels: a :class:`ChannelServer` hosts named channels; other processes join them.
+"""Networked channels: a :class:`ChannelServer` serves named channels to other processes.
 
-The server keeps each channel's :class:`~._channel.Home`; a remote end is a
-thin client that asks the server to read, write, poison or retire over one
-:class:`~asyncdist.connection.Connection` per (event loop, server). A read
-or a write is one call that returns when the home has matched it, so a
-rendezvous stays a rendezvous across processes; cancelling the call
-withdraws the offer (or gives back a value a cancelled reader was just
-given). When a connection is lost, the ends it had joined leave their
-channels as if they retired: a dead writer makes the blocked readers raise
-:class:`ChannelRetired` (after the buffered values), a dead reader makes
-the blocked writers raise it, within the heartbeat bound.
+The server keeps each channel's :class:`~._home.Home`, the same object the
+channels made on its event loop use, so local ends and remote ends meet on
+one home. A remote end is a thin client that asks the server to read,
+write, alternate, poison or retire over one
+:class:`~asyncdist.connection.Connection` per (event loop, server): a
+:class:`RemoteLink`.
+
+Wire protocol (handler names on the server; values travel as opaque bytes
+that only the reading side decodes, so the server never decodes, let alone
+unpickles, user data):
+
+* ``csp.join(name, kind, buffer)`` (notify): an end joins; the channel is
+  made with this ``buffer`` on first use.
+* ``csp.op(op_id, name, kind, payload) -> [0, result]``: one read or write,
+  answered when the home matched it; ``result`` is the value read, or for
+  a write the number of buffer slots the server now promises this client
+  (credits: the next that many writes are sent as ``csp.put`` without
+  waiting, which is what makes a buffered channel stream).
+* ``csp.alt(op_id, offers, skip) -> [index, payload]``: an alternation whose
+  channel guards are all on this server, committed atomically there;
+  ``index`` is -1 when ``skip`` and nothing was ready.
+* ``csp.withdraw(op_id)`` (notify): the caller was cancelled or timed out;
+  a waiting op answers ``[-2, None]``; one already committed keeps its
+  answer, and the client gives a value it will not use back
+  (``csp.giveback``), first in line.
+* ``csp.put``, ``csp.uncredit``, ``csp.poison``, ``csp.retire``,
+  ``csp.leave``, ``csp.transfer``/``csp.adopt`` (an end sent to another
+  process changes hands without the channel seeing its side retire).
+* The server notifies ``csp.ended(name)`` to clients holding credits when
+  the channel is poisoned or its readers retired.
+
+When a connection is lost, the ends it had joined leave their channels as if
+they retired: a dead writer makes the blocked readers raise
+:class:`~asyncdist.errors.ChannelRetired` once no writer is left (after the
+buffered values), a dead reader does the same to blocked writers; the
+heartbeat bounds how long a dead peer goes unnoticed (F18, F19).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import ipaddress
+import itertools
+import os
+import socket
 import ssl as _ssl
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+import threading
+import weakref
+from collections.abc import AsyncGenerator, Callable, Iterator
+from typing import Any
 
-from ..connection import Connection, connect
+from ..codec import Codec
+from ..connection import Connection, abort_with_loop, connect
+from ..errors import SerializationError
+from ..security import resolve_secret
 from ..server import Server, serve
+from ._home import Choice, Home, Kind, Offer, Packed, local_homes
 
-if TYPE_CHECKING:
-    from ._channel import Kind
+__all__ = [
+    "ChannelServer",
+    "NeedsHost",
+    "RemoteLink",
+    "effect",
+    "encode_value",
+    "host_here",
+    "link_for",
+    "local_server",
+    "servers_of",
+    "shutdown",
+]
 
-__all__ = ["ChannelServer", "RemoteLink", "link_for"]
+#: At most this many buffer slots are promised to one client per channel at a time.
+MAX_CREDIT = 256
+#: At most this many guards in one alternation sent to a server.
+MAX_GUARDS = 256
+WITHDRAWN = -2
+SKIPPED = -1
+
+
+def payload_codec(authenticated: bool) -> Codec:
+    """The codec of channel values: pickles (cloudpickle) only between authenticated peers."""
+    return Codec(accept_pickle="load" if authenticated else "refuse", send_pickle=authenticated)
+
+
+class NeedsHost(SerializationError):
+    """An end of a local channel is being sent, and no channel server on this loop serves it yet."""
+
+
+#: Side effects of encoding ends (joins on behalf of ends in transit), run once encoding succeeded.
+_effects = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_effects() -> Iterator[list[Callable[[], None]]]:
+    """Collect the side effects of encoding ends; the caller runs them if the encoding succeeded."""
+    outer = getattr(_effects, "pending", None)
+    pending: list[Callable[[], None]] = []
+    _effects.pending = pending
+    try:
+        yield pending
+    finally:
+        _effects.pending = outer
+
+
+def effect(action: Callable[[], None]) -> None:
+    """Run ``action`` now, or once the encoding in progress succeeded (see :func:`deferred_effects`)."""
+    pending = getattr(_effects, "pending", None)
+    if pending is None:
+        action()
+    else:
+        pending.append(action)
+
+
+async def encode_value(codec: Codec, value: Any) -> bytes:
+    """Encode a channel value; an end of a local channel in it makes this loop serve that channel."""
+    for _ in range(2):
+        with deferred_effects() as effects:
+            try:
+                data = codec.encode(value)
+            except NeedsHost:
+                await host_here()
+                continue
+        for action in effects:
+            action()
+        return data
+    raise SerializationError("could not serve the channels of the ends in this value")  # pragma: no cover
+
+
+class _Withdrawn(Exception):
+    """The client withdrew an operation that had not happened."""
+
+
+_WITHDRAWN_EXC = _Withdrawn()
+
+
+def _kind(kind: Any) -> Kind:
+    if kind == "read":
+        return "read"
+    if kind == "write":
+        return "write"
+    raise ValueError("kind must be 'read' or 'write'")
+
+
+def _payload(value: Any) -> Packed:
+    if type(value) is not bytes:
+        raise TypeError("a channel value travels as the bytes its writer encoded")
+    return Packed(value)
 
 
 class _Session:
-    """The ends one connection joined, so that they leave when it is lost."""
+    """One client connection of a channel server: its joined ends, waiting operations and credits."""
 
     def __init__(self, server: ChannelServer, conn: Connection) -> None:
         self.server = server
+        self.conn = conn
         self.joined: collections.Counter[tuple[str, Kind]] = collections.Counter()
+        self.ops: dict[int, Choice] = {}
+        self.credit: collections.Counter[str] = collections.Counter()
         self.handlers: dict[str, Callable[..., Any]] = {
             "csp.join": self.join,
             "csp.op": self.op,
+            "csp.alt": self.alt,
+            "csp.withdraw": self.withdraw,
+            "csp.put": self.put,
+            "csp.uncredit": self.uncredit,
+            "csp.giveback": self.giveback,
             "csp.poison": self.poison,
             "csp.retire": self.retire,
             "csp.leave": self.leave,
+            "csp.transfer": self.transfer,
+            "csp.adopt": self.adopt,
         }
         conn.add_close_callback(self.lost)
 
-    def _home(self, name: Any) -> Any:
+    def _home(self, name: Any) -> Home:
         home = self.server.homes.get(name) if type(name) is str else None
         if home is None:
             raise LookupError(f"no channel named {str(name)[:80]!r} on this server (join it first)")
         return home
 
-    @staticmethod
-    def _kind(kind: Any) -> Kind:
-        if kind not in ("read", "write"):
-            raise ValueError("kind must be 'read' or 'write'")
-        k: Kind = kind
-        return k
+    # -- membership ------------------------------------------------------------------------
 
-    def join(self, name: Any, kind: Any, buffer: Any = 0) -> int:
-        from ._channel import Home
-
+    def join(self, name: Any, kind: Any, buffer: Any = 0) -> None:
         if type(name) is not str or not 0 < len(name) <= 1024:
             raise ValueError("a channel name is a string of 1 to 1024 characters")
         if type(buffer) is not int or not 0 <= buffer <= 1_000_000:
             raise ValueError("buffer must be an int from 0 to 1,000,000")
-        kind = self._kind(kind)
-        home = self.server.homes.get(name)
-        if home is None:
-            home = self.server.homes[name] = Home(name, buffer, asyncio.get_running_loop())
-        home.join(kind)
+        kind = _kind(kind)
+        self.server.home(name, buffer).join(kind)
         self.joined[(name, kind)] += 1
-        return home.capacity
-
-    async def op(self, name: Any, kind: Any, value: Any = None) -> Any:
-        from ._channel import Choice, Offer
-
-        home = self._home(name)
-        choice = Choice(home.loop)
-        offer = Offer(choice, home, self._kind(kind), value)
-        choice.offers.append(offer)
-        if not home.offer(offer):
-            try:
-                await choice.future
-            except asyncio.CancelledError:
-                if not choice.future.done() or choice.future.cancelled():
-                    choice.close()
-                else:
-                    home.give_back(choice)
-                raise
-        return choice.future.result()[1]
-
-    def poison(self, name: Any) -> None:
-        self._home(name).poison()
 
     def retire(self, name: Any, kind: Any) -> None:
-        kind = self._kind(kind)
+        kind = _kind(kind)
         home = self._home(name)
         if self.joined[(name, kind)] > 0:
             self.joined[(name, kind)] -= 1
             home.leave(kind)
+            self.server.forget_if_over(home)
 
     def leave(self, name: Any, kind: Any) -> None:
-        kind = self._kind(kind)
+        kind = _kind(kind)
         home = self._home(name)
         if self.joined[(name, kind)] > 0:
             self.joined[(name, kind)] -= 1
             home.disconnect(kind)
 
+    def transfer(self, name: Any, kind: Any, token: Any) -> None:
+        """An end of this channel is on its way to another process: it stays joined meanwhile."""
+        kind = _kind(kind)
+        self.server.handover(self._home(name), kind, token, sent=True)
+
+    def adopt(self, name: Any, kind: Any, token: Any) -> None:
+        """An end sent by another process arrived here: this connection now holds its place."""
+        kind = _kind(kind)
+        self.server.handover(self._home(name), kind, token, sent=False)
+        self.joined[(name, kind)] += 1
+
+    def poison(self, name: Any) -> None:
+        self._home(name).poison()
+
     def lost(self, conn: Connection) -> None:
+        for choice in self.ops.values():
+            if choice.open:
+                choice.close()
+        self.ops.clear()
+        for name, n in self.credit.items():
+            home = self.server.homes.get(name)
+            if home is not None:
+                if self._void in home.listeners:
+                    home.listeners.remove(self._void)
+                home.release(n)
+        self.credit.clear()
         for (name, kind), count in self.joined.items():
             home = self.server.homes.get(name)
             if home is not None:
                 for _ in range(count):
                     home.leave(kind)
+                self.server.forget_if_over(home)
         self.joined.clear()
+
+    # -- operations ------------------------------------------------------------------------
+
+    def op(self, op_id: Any, name: Any, kind: Any, payload: Any = None) -> Any:
+        home = self._home(name)
+        kind = _kind(kind)
+        choice = Choice(home.loop)
+        offer = Offer(choice, home, kind, _payload(payload) if kind == "write" else None, tag=0)
+        choice.offers.append(offer)
+        if home.offer(offer):
+            return self._answer(choice, True)
+        return self._wait(op_id, choice, True)
+
+    def alt(self, op_id: Any, offers: Any, skip: Any) -> Any:
+        if type(offers) is not list or not 0 < len(offers) <= MAX_GUARDS:
+            raise ValueError(f"an alternation has 1 to {MAX_GUARDS} channel guards")
+        homes = []
+        for item in offers:
+            if type(item) is not list or len(item) != 3:
+                raise ValueError("a guard is [name, kind, payload]")
+            homes.append((self._home(item[0]), _kind(item[1]), item[2]))
+        loop = homes[0][0].loop
+        choice = Choice(loop)
+        for index, (home, kind, payload) in enumerate(homes):
+            offer = Offer(choice, home, kind, _payload(payload) if kind == "write" else None, tag=index)
+            choice.offers.append(offer)
+            home.offer(offer)
+            if not choice.open:
+                return self._answer(choice, False)
+        if skip:
+            choice.close()
+            return [SKIPPED, None]
+        return self._wait(op_id, choice, False)
+
+    def _wait(self, op_id: Any, choice: Choice, grant: bool) -> asyncio.Future[Any]:
+        if type(op_id) is not int or op_id in self.ops:
+            choice.close()
+            raise ValueError("an operation id is an int not in use")
+        self.ops[op_id] = choice
+        answer: asyncio.Future[Any] = choice.future.get_loop().create_future()
+
+        def committed(_: Any) -> None:
+            self.ops.pop(op_id, None)
+            if not answer.done():
+                try:
+                    answer.set_result(self._answer(choice, grant))
+                except _Withdrawn:
+                    answer.set_result([WITHDRAWN, None])
+                except BaseException as exc:
+                    answer.set_exception(exc)
+            elif answer.cancelled():
+                self._give_back(choice)
+
+        def abandoned(_: Any) -> None:  # the connection cancelled the call (it closed)
+            if answer.cancelled():
+                self.ops.pop(op_id, None)
+                if choice.open:
+                    choice.close()
+                else:
+                    self._give_back(choice)
+
+        choice.future.add_done_callback(committed)
+        answer.add_done_callback(abandoned)
+        return answer
+
+    def _give_back(self, choice: Choice) -> None:
+        fut = choice.future
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            offer, value = fut.result()
+            if offer.kind == "read":
+                offer.home.give_back_value(value)
+
+    def _answer(self, choice: Choice, grant: bool) -> list[Any]:
+        """``[index, value read]``, or for a write ``[index, credits granted]`` (raises its failure)."""
+        offer, value = choice.future.result()  # raises the channel's end, or _Withdrawn
+        if offer.kind == "read":
+            if type(value) is Packed:
+                return [offer.tag, value.data]
+            return [offer.tag, self.server.codec.encode(value)]
+        if grant and offer.home.capacity:
+            return [offer.tag, self._grant(offer.home)]
+        return [offer.tag, None]
+
+    def _grant(self, home: Home) -> int:
+        """Promise this client free buffer slots of ``home``: its next writes need no answer."""
+        held = self.credit[home.name]
+        n = min(home.free(), MAX_CREDIT - held)
+        if n <= 0 or home.poisoned or home.retired["read"]:
+            return 0
+        home.reserved += n
+        if not held:
+            home.listeners.append(self._void)
+        self.credit[home.name] = held + n
+        return n
+
+    def _void(self, home: Home) -> None:
+        """The channel ended: promised slots are void; tell the client to stop using them."""
+        if self.credit.pop(home.name, 0) and not self.conn.closed:
+            self.conn.notify_nowait("csp.ended", home.name)
+
+    def withdraw(self, op_id: Any) -> None:
+        choice = self.ops.pop(op_id, None) if type(op_id) is int else None
+        if choice is not None and choice.open:
+            choice.fail(_WITHDRAWN_EXC)
+
+    def put(self, name: Any, payload: Any) -> None:
+        home = self._home(name)
+        held = self.credit[name]
+        if held <= 0:
+            if home.poisoned or home.retired["read"]:
+                return  # credits voided while this value travelled
+            raise ValueError(f"a write to {name!r} without a promised slot")
+        self.credit[name] = held - 1
+        if held == 1:
+            del self.credit[name]
+            if self._void in home.listeners:
+                home.listeners.remove(self._void)
+        home.put(_payload(payload))
+
+    def uncredit(self, name: Any, n: Any) -> None:
+        """The client gives promised slots back (before an alternation that writes there)."""
+        home = self._home(name)
+        if type(n) is not int or n <= 0:
+            return
+        n = min(n, self.credit[name])
+        if n:
+            self.credit[name] -= n
+            if not self.credit[name]:
+                del self.credit[name]
+                if self._void in home.listeners:
+                    home.listeners.remove(self._void)
+            home.release(n)
+
+    def giveback(self, name: Any, payload: Any) -> None:
+        self._home(name).give_back_value(_payload(payload))
+
+
+#: The channel servers running on each loop (a channel made there is reachable through them).
+_servers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[ChannelServer]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def servers_of(loop: asyncio.AbstractEventLoop) -> list[ChannelServer]:
+    """The channel servers running on ``loop``."""
+    return list(_servers.get(loop, ()))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def local_server(loop: asyncio.AbstractEventLoop, address: tuple[str, int]) -> ChannelServer | None:
+    """The channel server running on ``loop`` at ``address``, if there is one."""
+    host, port = address[0], int(address[1])
+    for server in _servers.get(loop, ()):
+        s_host, s_port = server.address
+        if s_port == port and (host == s_host or host == server.advertised[0] or _is_loopback(host)):
+            return server
+    return None
 
 
 class ChannelServer:
-    """Hosts named channels for other processes: ``server = await ChannelServer.start(host, port)``.
+    """Serves named channels to other processes: ``server = await ChannelServer.start(host, port)``.
 
-    A channel is made when the first client joins it by name (with that
-    client's buffer size). Serve until :meth:`close` or cancellation of
-    :meth:`serve_forever`.
+    A channel is made when the first client names it (with that client's
+    buffer size); channels made by name on the server's own event loop
+    (``Channel("A")``) are served too, so a process can host its channels
+    the way a PyCSP interpreter does. Serve until :meth:`close`, or until
+    :meth:`serve_forever` is cancelled. ``secret``/``ssl`` authenticate
+    clients (required to bind other than loopback, unless ``insecure``);
+    values are pickled only between authenticated peers. ``advertise``
+    (host) is the address put in ends sent to other processes, when it is
+    not the bound one.
     """
 
     def __init__(self) -> None:
-        self.homes: dict[str, Any] = {}
+        self.homes: dict[str, Home] = {}
+        self.codec = payload_codec(False)
+        self.advertised: tuple[str, int] = ("127.0.0.1", 0)
         self._server: Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tokens: dict[str, bool] = {}
 
     @classmethod
     async def start(
@@ -135,40 +437,114 @@ class ChannelServer:
         port: int = 0,
         *,
         secret: str | bytes | None = None,
+        secret_file: str | os.PathLike[str] | None = None,
         ssl: _ssl.SSLContext | None = None,
         insecure: bool = False,
+        advertise: str | None = None,
         **options: Any,
     ) -> ChannelServer:
         self = cls()
+        key = resolve_secret(secret, secret_file=secret_file)
+        self.codec = payload_codec(key is not None or ssl is not None)
         self._server = await serve(
             lambda conn: _Session(self, conn).handlers,
             host,
             port,
-            secret=secret,
+            secret=key,
             ssl=ssl,
             insecure=insecure,
             **options,
         )
+        bound_host, bound_port = self.address
+        if advertise is None:
+            advertise = socket.gethostname() if bound_host in ("0.0.0.0", "::", "") else bound_host
+        self.advertised = (advertise, bound_port)
+        self._loop = asyncio.get_running_loop()
+        _servers.setdefault(self._loop, []).append(self)
         return self
+
+    def home(self, name: str, buffer: int = 0) -> Home:
+        """The home of the channel ``name`` served here (made, with ``buffer``, if new)."""
+        home = self.homes.get(name)
+        if home is None:
+            loop = asyncio.get_running_loop()
+            home = local_homes(loop).get(name)
+            if home is None:
+                home = Home(name, buffer, loop)
+                local_homes(loop)[name] = home
+            self.homes[name] = home
+            home.codec = self.codec
+        return home
+
+    def forget_if_over(self, home: Home) -> None:
+        """A channel that ended (poisoned, or both sides retired) and that no end holds any more
+        is forgotten: the next client to name it starts a new channel."""
+        if home.joined["read"] > 0 or home.joined["write"] > 0:
+            return
+        if home.poisoned or (home.retired["read"] and home.retired["write"]):
+            for name, hosted in list(self.homes.items()):
+                if hosted is home:
+                    del self.homes[name]
+            local = local_homes(home.loop)
+            if local.get(home.name) is home:
+                del local[home.name]
+
+    def host(self, home: Home) -> str:
+        """Serve a channel of this loop (its end is being sent elsewhere); return its name here."""
+        name = home.name
+        if self.homes.get(name, home) is not home:
+            name = f"{home.name}#{id(home):x}"
+        self.homes[name] = home
+        if home.codec is None:
+            home.codec = self.codec
+        return name
+
+    def handover(self, home: Home, kind: Kind, token: Any, *, sent: bool) -> None:
+        """Count an end that changes hands once: whichever of send and arrival comes first joins."""
+        if type(token) is not str or not 0 < len(token) <= 64:
+            raise ValueError("a transfer token is a short string")
+        first = self._tokens.pop(token, None)
+        if first is None:
+            if len(self._tokens) >= 100_000:
+                raise ValueError("too many ends in transit")
+            self._tokens[token] = sent
+            home.join(kind)
+
+    def sent(self, home: Home, kind: Kind, token: str) -> None:
+        """An end of a channel of this loop is being sent (see :meth:`handover`)."""
+        self.handover(home, kind, token, sent=True)
 
     @property
     def address(self) -> tuple[str, int]:
+        """The address bound (host, port)."""
         assert self._server is not None
         address = self._server.address
         assert isinstance(address, tuple)
-        return address
+        return address[0], address[1]
 
     @property
     def port(self) -> int:
         return self.address[1]
 
     async def serve_forever(self) -> None:
+        """Serve until :meth:`close`; cancelling this closes the server."""
         assert self._server is not None
-        await self._server.serve_forever()
+        try:
+            await self._server.serve_forever()
+        finally:
+            self._forget()
 
     def close(self) -> None:
+        """Stop serving: close the listener and every client connection."""
+        self._forget()
         if self._server is not None:
             self._server.close()
+
+    def _forget(self) -> None:
+        if self._loop is not None:
+            servers = _servers.get(self._loop, [])
+            if self in servers:
+                servers.remove(self)
 
     async def wait_closed(self) -> None:
         if self._server is not None:
@@ -184,9 +560,61 @@ class ChannelServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    def __repr__(self) -> str:
+        where = f"{self.address[0]}:{self.address[1]}" if self._server is not None else "?"
+        return f"<ChannelServer {where} channels={len(self.homes)}>"
+
+
+#: The channel server this loop started itself to host channels whose ends went elsewhere.
+_hosts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[ChannelServer, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def host_here() -> ChannelServer:
+    """This loop's channel server (started if there is none): it serves local channels to others.
+
+    It binds ``ASYNCDIST_CSP_HOST`` (default 127.0.0.1) on ``ASYNCDIST_CSP_PORT``
+    (default: any free port), authenticated with ``ASYNCDIST_SECRET`` when
+    set, and closes with the loop or :func:`shutdown`.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        running = _servers.get(loop)
+        if running:
+            return running[0]
+        starting = _starting.get(loop)
+        if starting is None:
+            break
+        await asyncio.shield(starting)
+    _starting[loop] = starting = loop.create_future()
+    try:
+        server = await ChannelServer.start(
+            os.environ.get("ASYNCDIST_CSP_HOST", "127.0.0.1"), int(os.environ.get("ASYNCDIST_CSP_PORT", "0"))
+        )
+        guard = _close_with_loop(server)
+        await guard.__anext__()
+        _hosts[loop] = (server, guard)
+        return server
+    finally:
+        del _starting[loop]
+        starting.set_result(None)
+
+
+_starting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _close_with_loop(server: ChannelServer) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        server.close()
+
 
 class RemoteLink:
-    """This process's connection to one channel server, opened at first use, shared by its ends."""
+    """This loop's connection to one channel server, opened at first use, shared by its ends."""
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, address: tuple[str, int], options: dict[str, Any]
@@ -194,37 +622,52 @@ class RemoteLink:
         self.loop = loop
         self.address = address
         self.options = options
+        authenticated = (
+            resolve_secret(options.get("secret"), secret_file=options.get("secret_file")) is not None
+        )
+        self.codec = payload_codec(authenticated or options.get("ssl") is not None)
+        self.credits: collections.Counter[str] = collections.Counter()
         self._conn: Connection | None = None
         self._opening: asyncio.Task[Connection] | None = None
-        self._joins: list[tuple[str, Kind, int]] = []
+        self._early: list[tuple[str, tuple[Any, ...]]] = []
+        self._ids = itertools.count(1)
+        self._guard: AsyncGenerator[None, None] | None = None
 
-    def leave(self, name: str, kind: Kind) -> None:
-        """Leave a channel without retiring it (sent once connected)."""
-        conn = self._conn
-        if conn is not None and not conn.closed:
-            conn.notify_nowait("csp.leave", name, kind)
+    @property
+    def broken(self) -> bool:
+        """The connection was opened and is closed now (ends of this link fail)."""
+        return self._conn is not None and self._conn.closed
 
-    def join(self, name: str, kind: Kind, buffer: int) -> None:
-        """Join now if connected, else as soon as the connection opens (before any operation)."""
+    def send(self, method: str, *args: Any) -> None:
+        """Send a one-way message now if connected, else as soon as the connection opens."""
         conn = self._conn
-        if conn is not None and not conn.closed:
-            conn.notify_nowait("csp.join", name, kind, buffer)
-        else:
-            self._joins.append((name, kind, buffer))
-            self._start()
+        if conn is not None:
+            if not conn.closed:
+                conn.notify_nowait(method, *args)
+            return
+        self._early.append((method, args))
+        self._start()
 
     def _start(self) -> None:
-        if self._opening is None or (self._opening.done() and self._conn is None):
+        if self._opening is None:
             self._opening = self.loop.create_task(self._open())
+            self._opening.add_done_callback(_retrieve)
 
     async def _open(self) -> Connection:
         host, port = self.address
-        conn = await connect(host, port, **self.options)
-        for name, kind, buffer in self._joins:
-            conn.notify_nowait("csp.join", name, kind, buffer)
-        self._joins.clear()
+        conn = await connect(host, port, handlers={"csp.ended": self._ended}, **self.options)
+        guard = abort_with_loop(conn)
+        await guard.__anext__()
+        self._guard = guard
+        for method, args in self._early:
+            conn.notify_nowait(method, *args)
+        self._early.clear()
         self._conn = conn
         return conn
+
+    def _ended(self, name: Any) -> None:
+        if type(name) is str:
+            self.credits.pop(name, None)
 
     async def connection(self) -> Connection:
         conn = self._conn
@@ -234,33 +677,145 @@ class RemoteLink:
         assert self._opening is not None
         return await asyncio.shield(self._opening)
 
-    async def call(self, name: str, *args: Any) -> Any:
+    async def call(self, method: str, *args: Any) -> Any:
         conn = await self.connection()
-        return await conn.call(name, *args)
+        return await conn.call(method, *args)
+
+    async def op(self, name: str, kind: Kind, value: Any) -> Any:
+        """Read (``value`` unused) or write ``value``; return the value read or None."""
+        conn = self._conn or await self.connection()
+        if kind == "write":
+            payload = await encode_value(self.codec, value)
+            if self.credits.get(name, 0) > 0:
+                self.credits[name] -= 1
+                await conn.notify("csp.put", name, payload)
+                return None
+        else:
+            payload = None
+        op_id = next(self._ids)
+        call = asyncio.ensure_future(conn.call("csp.op", op_id, name, kind, payload))
+        try:
+            await asyncio.wait((call,))
+        except asyncio.CancelledError:
+            await self._withdraw(conn, op_id, call)
+            self._settle(name, kind, call)
+            raise
+        _, result = call.result()
+        if kind == "write":
+            if result:
+                self.credits[name] += result
+            return None
+        return self.codec.decode(result)
+
+    async def alt(
+        self, guards: list[tuple[str, Kind, Any]], skip: bool, timeout: float | None
+    ) -> tuple[int, Any]:
+        """Commit one of ``guards`` (name, kind, value) atomically on the server.
+
+        Returns (index, value read or None); index -1: nothing was ready and
+        ``skip``; -2: ``timeout`` passed first.
+        """
+        conn = self._conn or await self.connection()
+        offers: list[list[Any]] = []
+        for name, kind, value in guards:
+            if kind == "write":
+                held = self.credits.pop(name, 0)
+                if held:  # the server must see those promised slots as free
+                    conn.notify_nowait("csp.uncredit", name, held)
+                offers.append([name, kind, await encode_value(self.codec, value)])
+            else:
+                offers.append([name, kind, None])
+        op_id = next(self._ids)
+        call = asyncio.ensure_future(conn.call("csp.alt", op_id, offers, skip))
+        try:
+            done, _ = await asyncio.wait((call,), timeout=timeout)
+            if not done:
+                await self._withdraw(conn, op_id, call)
+        except asyncio.CancelledError:
+            await self._withdraw(conn, op_id, call)
+            if not call.cancelled() and call.exception() is None:
+                index, payload = call.result()
+                if index >= 0 and guards[index][1] == "read":
+                    self._give(conn, guards[index][0], payload)
+            raise
+        index, payload = call.result()
+        if index >= 0 and guards[index][1] == "read":
+            return index, self.codec.decode(payload)
+        return index, None
+
+    async def _withdraw(self, conn: Connection, op_id: int, call: asyncio.Future[Any]) -> None:
+        """Take back a waiting operation; wait for its answer (it may have happened meanwhile)."""
+        if not call.done() and not conn.closed:
+            conn.notify_nowait("csp.withdraw", op_id)
+            conn.flush()
+        try:
+            await asyncio.wait((call,))
+        except asyncio.CancelledError:
+            call.cancel()  # cancelled again: give up on the answer
+            raise
+
+    def _settle(self, name: str, kind: Kind, call: asyncio.Future[Any]) -> None:
+        """A cancelled caller's operation happened anyway: keep credits, give a value back."""
+        if call.cancelled() or call.exception() is not None:
+            return
+        status, result = call.result()
+        if status != 0:
+            return
+        if kind == "write":
+            if result:
+                self.credits[name] += result
+        elif self._conn is not None:
+            self._give(self._conn, name, result)
+
+    @staticmethod
+    def _give(conn: Connection, name: str, payload: bytes) -> None:
+        if not conn.closed:
+            conn.notify_nowait("csp.giveback", name, payload)
 
     async def aclose(self) -> None:
         if self._opening is not None and not self._opening.done():
             self._opening.cancel()
+            await asyncio.wait((self._opening,))
         if self._conn is not None:
             await self._conn.close()
-            self._conn = None
+        if self._guard is not None:
+            await self._guard.aclose()
+            self._guard = None
 
 
-_links: dict[tuple[asyncio.AbstractEventLoop, tuple[str, int]], RemoteLink] = {}
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # a failed connect is reported by the operations that wait for it
+
+
+_links: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], RemoteLink]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def link_for(address: tuple[str, int], **options: Any) -> RemoteLink:
-    """The link of the running loop to the channel server at ``address`` (made on first use)."""
+    """The running loop's link to the channel server at ``address`` (made on first use)."""
     loop = asyncio.get_running_loop()
-    key = (loop, (address[0], int(address[1])))
-    link = _links.get(key)
-    if link is None:
-        link = _links[key] = RemoteLink(loop, key[1], options)
+    key = (str(address[0]), int(address[1]))
+    links = _links.setdefault(loop, {})
+    link = links.get(key)
+    if link is None or link.broken or (options and options != link.options):
+        link = links[key] = RemoteLink(loop, key, options)
     return link
 
 
 async def shutdown() -> None:
-    """Close this loop's links to channel servers (PyCSP's ``shutdown()``)."""
+    """Close this loop's links to channel servers and the channel servers running on it.
+
+    PyCSP's ``shutdown()``: call it when the program's channel work is done.
+    Ends of networked channels fail afterwards; a new ``Channel(name,
+    connect=...)`` connects again.
+    """
     loop = asyncio.get_running_loop()
-    for key in [k for k in _links if k[0] is loop]:
-        await _links.pop(key).aclose()
+    for link in _links.pop(loop, {}).values():
+        await link.aclose()
+    for server in list(_servers.get(loop, ())):
+        await server.aclose()
+    hosted = _hosts.pop(loop, None)
+    if hosted is not None:
+        await hosted[1].aclose()

@@ -21,9 +21,10 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, ParamSpec
 
 from ..errors import ChannelPoisoned, ChannelRetired
+from . import _trace
 from ._channel import Channel, ChannelEnd, ThreadScope, _run_here, thread_scope
 
-__all__ = ["Parallel", "Process", "Sequence", "Spawn", "poison", "process", "retire"]
+__all__ = ["Parallel", "Process", "Sequence", "Spawn", "multiprocess", "poison", "process", "retire"]
 
 _P = ParamSpec("_P")
 
@@ -81,11 +82,20 @@ def retire(*ends: ChannelEnd) -> Any:
 class Process:
     """One process: a function with its arguments, not started yet (``@process`` makes these)."""
 
-    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        separate: bool = False,
+    ) -> None:
         self.func = func
         self.args = args
         self.kwargs = kwargs
         self.name = getattr(func, "__qualname__", repr(func))
+        #: Run in another OS process (``@multiprocess``).
+        self.separate = separate
 
     def channel_ends(self) -> list[ChannelEnd | Channel]:
         """The channel ends (and channels) this process was given."""
@@ -97,23 +107,43 @@ class Process:
         Returns the function's result, or None when it ended by poison or
         retirement; raises what it raised otherwise (after poisoning its ends).
         """
+        if self.separate:
+            from ._multi import run_separately
+
+            return await run_separately(self)
+        token = _trace.current_process.set(self.name)
+        how = "failed"
         try:
+            if _trace.tracer is not None:
+                _trace.event("start")
             if inspect.iscoroutinefunction(self.func):
-                return await self.func(*self.args, **self.kwargs)
-            return await self._in_thread()
+                result = await self.func(*self.args, **self.kwargs)
+            else:
+                result = await self._in_thread()
+            how = "done"
+            return result
         except ChannelPoisoned:
+            how = "poisoned"
             await _poison(tuple(self.channel_ends()))
             return None
         except ChannelRetired:
+            how = "retired"
             for end in self.channel_ends():
                 if isinstance(end, ChannelEnd):
                     await end.retire()
             return None
         except asyncio.CancelledError:
+            how = "cancelled"
             raise
-        except BaseException:
+        except BaseException as exc:
+            if _trace.tracer is not None:
+                _trace.event("failed", error=exc)
             await _poison(tuple(self.channel_ends()))
             raise
+        finally:
+            if _trace.tracer is not None:
+                _trace.event("end", how=how)
+            _trace.current_process.reset(token)
 
     async def _in_thread(self) -> Any:
         """Run a plain function in a thread of its own (PyCSP gives each process a thread)."""
@@ -168,6 +198,26 @@ def process(func: Callable[_P, Any]) -> Callable[_P, Process]:
     @functools.wraps(func)
     def make(*args: _P.args, **kwargs: _P.kwargs) -> Process:
         return Process(func, args, kwargs)
+
+    return make
+
+
+def multiprocess(func: Callable[_P, Any]) -> Callable[_P, Process]:
+    """Like :func:`process`, but the process runs in a new OS process (PyCSP's ``@multiprocess``).
+
+    The function (``async def`` or plain) and its arguments travel to a
+    child Python process (the function by reference when importable, else
+    by value with cloudpickle over a private pipe); channel ends among the
+    arguments *move* to the child as networked ends (this loop serves their
+    channels: see :func:`~asyncdist.csp.ChannelServer`), and the result, or
+    the exception with its traceback, comes back. The child runs with this
+    process's ``sys.path`` and environment, prints to the same terminal,
+    and always is reaped: cancelling the process kills it.
+    """
+
+    @functools.wraps(func)
+    def make(*args: _P.args, **kwargs: _P.kwargs) -> Process:
+        return Process(func, args, kwargs, separate=True)
 
     return make
 
