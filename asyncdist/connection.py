@@ -44,7 +44,7 @@ import ssl as _ssl
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, replace
 from types import CoroutineType
 from typing import Any, Final, Generic, TypeVar, cast
@@ -71,7 +71,6 @@ __all__ = [
     "Handler",
     "Options",
     "Stream",
-    "abort_with_loop",
     "connect",
     "current_connection",
     "parse_address",
@@ -1447,19 +1446,6 @@ async def _open_connection(
             await conn.wait_closed()
         raise
     return conn
-
-
-async def abort_with_loop(conn: Connection) -> AsyncGenerator[None, None]:
-    """Abort ``conn`` when its loop shuts async generators down (``asyncio.run`` does at its end).
-
-    Start it with ``await gen.__anext__()`` and keep a reference: the
-    connection then never outlives its loop (also when the generator is
-    dropped).
-    """
-    try:
-        yield
-    finally:
-        conn.abort()
 
 
 def connect(

@@ -22,6 +22,7 @@ PUBLIC_MODULES = [
     "asyncdist.futures.shared",
     "asyncdist.objects",
     "asyncdist.naming",
+    "asyncdist.csp",
 ]
 
 
@@ -68,3 +69,36 @@ def test_core_names_of_the_design_contract() -> None:
         "WorkerLost",
     ):
         assert name in asyncdist.__all__
+
+
+def test_csp_names_of_the_design_contract() -> None:
+    from asyncdist import csp
+
+    for name in (
+        "Channel",
+        "One2OneChannel",
+        "One2AnyChannel",
+        "Any2OneChannel",
+        "Any2AnyChannel",
+        "ChannelPoisoned",
+        "ChannelRetired",
+        "ChannelServer",
+        "process",
+        "multiprocess",
+        "Parallel",
+        "Sequence",
+        "Spawn",
+        "poison",
+        "retire",
+        "AltSelect",
+        "FairSelect",
+        "PriSelect",
+        "InputGuard",
+        "OutputGuard",
+        "TimeoutGuard",
+        "SkipGuard",
+        "TraceInit",
+        "TraceQuit",
+        "shutdown",
+    ):
+        assert name in csp.__all__, name

@@ -54,7 +54,7 @@ from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
 
 from ..codec import Codec
-from ..connection import Connection, abort_with_loop, connect
+from ..connection import Connection, connect
 from ..errors import SerializationError
 from ..security import resolve_secret
 from ..server import Server, serve
@@ -606,11 +606,22 @@ _starting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[N
 )
 
 
-async def _close_with_loop(server: ChannelServer) -> AsyncGenerator[None, None]:
+async def _close_with_loop(closing: ChannelServer | Connection) -> AsyncGenerator[None, None]:
+    """Close a server, or a link's connection, when the loop shuts down (``asyncio.run`` does).
+
+    A connection closes gracefully: writes already sent as promised slots (credits) still arrive.
+    """
     try:
         yield
     finally:
-        server.close()
+        if isinstance(closing, ChannelServer):
+            closing.close()
+        elif not closing.closed:
+            try:
+                await asyncio.wait_for(closing.close(), closing.options.close_timeout)
+            except BaseException:
+                closing.abort()
+                raise
 
 
 class RemoteLink:
@@ -656,7 +667,7 @@ class RemoteLink:
     async def _open(self) -> Connection:
         host, port = self.address
         conn = await connect(host, port, handlers={"csp.ended": self._ended}, **self.options)
-        guard = abort_with_loop(conn)
+        guard = _close_with_loop(conn)
         await guard.__anext__()
         self._guard = guard
         for method, args in self._early:

@@ -43,7 +43,7 @@ from ssl import SSLContext
 from typing import TYPE_CHECKING, Any, Final
 
 from ..codec import ObjectRef
-from ..connection import Connection, Options, abort_with_loop, connect
+from ..connection import Connection, Options, connect
 from ..errors import (
     ConfigurationError,
     ConnectError,
@@ -740,7 +740,7 @@ class Proxy:
                 await conn.wait_closed()
                 raise
             session.owner = weakref.ref(self)
-            guard = abort_with_loop(conn)
+            guard = _close_with_loop(conn)
             await guard.__anext__()  # now the loop closes it when it shuts down (asyncio.run)
             object.__setattr__(self, "_guard", guard)
             object.__setattr__(self, "_conn", conn)
@@ -796,6 +796,15 @@ class Proxy:
             return ObjectRef(str(uri), {"k": "u"})
         # A callback of another connection: forward calls to it through this side.
         return ObjectRef(session.export(self), {"k": "c", "m": self._meta_dict()})
+
+
+async def _close_with_loop(conn: Connection) -> AsyncGenerator[None, None]:
+    """Abort ``conn`` when the loop shuts its async generators down (``asyncio.run`` does, at its
+    end), or when this generator is dropped: a proxy's connection never outlives its loop."""
+    try:
+        yield
+    finally:
+        conn.abort()
 
 
 def _abandon(conn: Connection) -> None:
