@@ -37,13 +37,14 @@ class _Tracer:
         self.stdout = stdout
         self.lock = threading.Lock()
         self.pid = os.getpid()
+        self.t0 = time.time()
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False, default=repr)
         with self.lock:
             self.file.write(line + "\n")
             if self.stdout:
-                print(_format(record, record["t"]), file=sys.stdout, flush=True)
+                print(_format(record, self.t0), file=sys.stdout, flush=True)
 
     def close(self) -> None:
         with self.lock:
@@ -109,8 +110,24 @@ def read_trace(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and "t" in record and "event" in record:
+        if _valid(record):
             yield record
+
+
+def _valid(record: Any) -> bool:
+    """A record this module wrote: a time, an event name, and plain fields where it puts them."""
+    if not isinstance(record, dict):
+        return False
+    t = record.get("t")
+    if type(t) not in (int, float) or t != t or t in (float("inf"), float("-inf")):
+        return False
+    if type(record.get("event")) is not str:
+        return False
+    if type(record.get("pid", 0)) not in (int, str):
+        return False
+    if record.get("process") is not None and type(record["process"]) is not str:
+        return False
+    return record.get("channel") is None or type(record["channel"]) in (str, int)
 
 
 def _format(record: dict[str, Any], t0: float) -> str:
