@@ -157,7 +157,7 @@ async def _select_local(guards: tuple[Guard, ...], order: list[int]) -> tuple[Gu
         if isinstance(g, InputGuard):
             offer = Offer(choice, g.end._home, "read", tag=g)
         elif isinstance(g, OutputGuard):
-            offer = Offer(choice, g.end._home, "write", g.msg, tag=g)
+            offer = Offer(choice, g.end._home, "write", g.end._home.pack(g.msg), tag=g)
         else:
             continue
         choice.offers.append(offer)
@@ -188,8 +188,10 @@ async def _select_local(guards: tuple[Guard, ...], order: list[int]) -> tuple[Gu
     finally:
         if timer is not None:
             timer.cancel()
-    if type(value) is Packed:
-        value = offer.home.codec.decode(value.data)
+    if offer.kind == "read" and offer.home is not _NO_HOME:
+        offer.home.claimed()
+        if type(value) is Packed:
+            value = offer.home.codec.decode(value.data)
     return offer.tag, value
 
 

@@ -107,7 +107,9 @@ class ChannelEnd:
             result = await self._link.op(self.channel.name, self.kind, value)
         else:
             choice = Choice(self._home.loop)
-            offer = Offer(choice, self._home, self.kind, value)
+            offer = Offer(
+                choice, self._home, self.kind, self._home.pack(value) if self.kind == "write" else None
+            )
             choice.offers.append(offer)
             if not self._home.offer(offer):
                 try:
@@ -119,6 +121,8 @@ class ChannelEnd:
                         self._home.give_back(choice)
                     raise
             result = choice.future.result()[1]
+            if self.kind == "read":
+                self._home.claimed()
             if type(result) is Packed:
                 result = self._home.codec.decode(result.data)
         if _trace.tracer is not None:

@@ -123,12 +123,21 @@ class Home:
         self.poisoned = False
         self.joined = {"read": 0, "write": 0}
         self.retired = {"read": False, "write": False}
+        #: Values handed to readers that did not take them yet (one may still be given back).
+        self.unclaimed = 0
         #: Buffer slots promised to remote writers (credits): ``len(values) + reserved <= capacity``.
         self.reserved = 0
         #: Called with this home when it is poisoned or its readers retired (credits become void).
         self.listeners: list[Callable[[Home], None]] = []
         #: Decodes values that remote writers sent (set when a channel server hosts this home).
         self.codec: Any = None
+
+    def pack(self, value: Any) -> Any:
+        """A value written here: as is, or encoded once this channel is served to other processes
+        (so that a value that cannot travel fails its write, not the remote reader that took it)."""
+        if self.codec is None:
+            return value
+        return Packed(self.codec.encode(value))
 
     # -- membership ------------------------------------------------------------------------
 
@@ -154,7 +163,13 @@ class Home:
         """Why an offer of ``kind`` can never complete now, or None."""
         if self.poisoned:
             return ChannelPoisoned(f"channel {self.name!r} is poisoned")
-        if kind == "read" and self.retired["write"] and not self.values and not self._live(self.writers):
+        if (
+            kind == "read"
+            and self.retired["write"]
+            and not self.values
+            and not self.unclaimed
+            and not self._live(self.writers)
+        ):
             return ChannelRetired(f"every writer of channel {self.name!r} retired")
         if kind == "write" and self.retired["read"]:
             return ChannelRetired(f"every reader of channel {self.name!r} retired")
@@ -212,21 +227,21 @@ class Home:
                 self._take(self.writers, writer)
                 self.values.append(writer.value)
                 writer.choice.win(writer, None)
-            offer.choice.win(offer, value)
+            self._hand(offer, value)
             return True
         writer = self._next_live(self.writers, offer.choice)
         if writer is None:
             return False
         self._take(self.writers, writer)
         writer.choice.win(writer, None)
-        offer.choice.win(offer, writer.value)
+        self._hand(offer, writer.value)
         return True
 
     def _write(self, offer: Offer) -> bool:
         reader = self._next_live(self.readers, offer.choice)
         if reader is not None and not self.values:
             self._take(self.readers, reader)
-            reader.choice.win(reader, offer.value)
+            self._hand(reader, offer.value)
             offer.choice.win(offer, None)
             return True
         if self._room():
@@ -244,7 +259,7 @@ class Home:
             reader = self._next_live(self.readers, _NO_CHOICE)
             if reader is not None:
                 self._take(self.readers, reader)
-                reader.choice.win(reader, value)
+                self._hand(reader, value)
                 return
         self.values.append(value)
 
@@ -267,12 +282,24 @@ class Home:
         except ValueError:
             pass
 
+    def _hand(self, reader: Offer, value: Any) -> None:
+        """Commit a read: the value is in the reader's hands, not yet claimed (see :meth:`claimed`)."""
+        self.unclaimed += 1
+        reader.choice.win(reader, value)
+
+    def claimed(self) -> None:
+        """A reader took the value it was handed (it was not cancelled in that instant)."""
+        self.unclaimed -= 1
+        if not self.unclaimed and self.retired["write"] and self.readers:
+            self._fail_waiting()  # the last value in hand was kept: waiting readers see the end now
+
     def give_back(self, choice: Choice) -> None:
         """A reader was cancelled after its read committed: the value goes back, first in line."""
         fut = choice.future
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             offer, value = fut.result()
             if offer.kind == "read":
+                self.unclaimed -= 1
                 self.give_back_value(value)
 
     def give_back_value(self, value: Any) -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import ipaddress
 import itertools
 import os
@@ -75,6 +76,8 @@ __all__ = [
 
 #: At most this many buffer slots are promised to one client per channel at a time.
 MAX_CREDIT = 256
+#: Reads answered to a client and not yet acknowledged (kept or given back) that a channel waits for.
+MAX_UNACKED = 4096
 #: At most this many guards in one alternation sent to a server.
 MAX_GUARDS = 256
 WITHDRAWN = -2
@@ -151,6 +154,16 @@ def _payload(value: Any) -> Packed:
     return Packed(value)
 
 
+@dataclasses.dataclass
+class _Transit:
+    """An end on its way from one process to another (see :meth:`ChannelServer.handover`)."""
+
+    sent: bool
+    home: Home
+    kind: Kind
+    sender: _Session | None
+
+
 class _Session:
     """One client connection of a channel server: its joined ends, waiting operations and credits."""
 
@@ -160,6 +173,8 @@ class _Session:
         self.joined: collections.Counter[tuple[str, Kind]] = collections.Counter()
         self.ops: dict[int, Choice] = {}
         self.credit: collections.Counter[str] = collections.Counter()
+        #: Recent reads answered to this client, by op id: what it may give back.
+        self.reads: collections.OrderedDict[int, Home] = collections.OrderedDict()
         self.handlers: dict[str, Callable[..., Any]] = {
             "csp.join": self.join,
             "csp.op": self.op,
@@ -168,6 +183,7 @@ class _Session:
             "csp.put": self.put,
             "csp.uncredit": self.uncredit,
             "csp.giveback": self.giveback,
+            "csp.took": self.took,
             "csp.poison": self.poison,
             "csp.retire": self.retire,
             "csp.leave": self.leave,
@@ -211,7 +227,7 @@ class _Session:
     def transfer(self, name: Any, kind: Any, token: Any) -> None:
         """An end of this channel is on its way to another process: it stays joined meanwhile."""
         kind = _kind(kind)
-        self.server.handover(self._home(name), kind, token, sent=True)
+        self.server.handover(self._home(name), kind, token, sent=True, sender=self)
 
     def adopt(self, name: Any, kind: Any, token: Any) -> None:
         """An end sent by another process arrived here: this connection now holds its place."""
@@ -223,6 +239,10 @@ class _Session:
         self._home(name).poison()
 
     def lost(self, conn: Connection) -> None:
+        self.server.sender_lost(self)
+        for held in self.reads.values():  # values in the client's hands: kept
+            held.claimed()
+        self.reads.clear()
         for choice in self.ops.values():
             if choice.open:
                 choice.close()
@@ -251,25 +271,25 @@ class _Session:
         offer = Offer(choice, home, kind, _payload(payload) if kind == "write" else None, tag=0)
         choice.offers.append(offer)
         if home.offer(offer):
-            return self._answer(choice, True)
+            return self._answer(op_id, choice, True)
         return self._wait(op_id, choice, True)
 
     def alt(self, op_id: Any, offers: Any, skip: Any) -> Any:
         if type(offers) is not list or not 0 < len(offers) <= MAX_GUARDS:
             raise ValueError(f"an alternation has 1 to {MAX_GUARDS} channel guards")
-        homes = []
-        for item in offers:
+        guards = []
+        for item in offers:  # check every guard before offering any
             if type(item) is not list or len(item) != 3:
                 raise ValueError("a guard is [name, kind, payload]")
-            homes.append((self._home(item[0]), _kind(item[1]), item[2]))
-        loop = homes[0][0].loop
-        choice = Choice(loop)
-        for index, (home, kind, payload) in enumerate(homes):
-            offer = Offer(choice, home, kind, _payload(payload) if kind == "write" else None, tag=index)
+            kind = _kind(item[1])
+            guards.append((self._home(item[0]), kind, _payload(item[2]) if kind == "write" else None))
+        choice = Choice(guards[0][0].loop)
+        for index, (home, kind, value) in enumerate(guards):
+            offer = Offer(choice, home, kind, value, tag=index)
             choice.offers.append(offer)
             home.offer(offer)
             if not choice.open:
-                return self._answer(choice, False)
+                return self._answer(op_id, choice, False)
         if skip:
             choice.close()
             return [SKIPPED, None]
@@ -286,7 +306,7 @@ class _Session:
             self.ops.pop(op_id, None)
             if not answer.done():
                 try:
-                    answer.set_result(self._answer(choice, grant))
+                    answer.set_result(self._answer(op_id, choice, grant))
                 except _Withdrawn:
                     answer.set_result([WITHDRAWN, None])
                 except BaseException as exc:
@@ -298,28 +318,41 @@ class _Session:
             if answer.cancelled():
                 self.ops.pop(op_id, None)
                 if choice.open:
-                    choice.close()
-                else:
-                    self._give_back(choice)
+                    choice.close()  # (a commit in the same instant is given back by committed())
 
         choice.future.add_done_callback(committed)
         answer.add_done_callback(abandoned)
         return answer
 
-    def _give_back(self, choice: Choice) -> None:
+    @staticmethod
+    def _give_back(choice: Choice) -> None:
         fut = choice.future
         if fut.done() and not fut.cancelled() and fut.exception() is None:
-            offer, value = fut.result()
-            if offer.kind == "read":
-                offer.home.give_back_value(value)
+            offer, _ = fut.result()
+            offer.home.give_back(choice)
 
-    def _answer(self, choice: Choice, grant: bool) -> list[Any]:
+    def _answer(self, op_id: Any, choice: Choice, grant: bool) -> list[Any]:
         """``[index, value read]``, or for a write ``[index, credits granted]`` (raises its failure)."""
         offer, value = choice.future.result()  # raises the channel's end, or _Withdrawn
         if offer.kind == "read":
+            home = offer.home
             if type(value) is Packed:
-                return [offer.tag, value.data]
-            return [offer.tag, self.server.codec.encode(value)]
+                data = value.data
+            else:
+                try:
+                    data = self.server.codec.encode(value)
+                except BaseException:
+                    home.give_back(choice)  # a local writer's value this client cannot receive stays
+                    raise
+            # In the client's hands until it says it took it (csp.took) or gives it back (csp.giveback):
+            # until then no reader is told that the channel is drained.
+            if op_id in self.reads:
+                home.claimed()
+                raise ValueError("an operation id is an int not in use")
+            self.reads[op_id] = home
+            if len(self.reads) > MAX_UNACKED:
+                self.reads.popitem(last=False)[1].claimed()
+            return [offer.tag, data]
         if grant and offer.home.capacity:
             return [offer.tag, self._grant(offer.home)]
         return [offer.tag, None]
@@ -342,12 +375,16 @@ class _Session:
             self.conn.notify_nowait("csp.ended", home.name)
 
     def withdraw(self, op_id: Any) -> None:
-        choice = self.ops.pop(op_id, None) if type(op_id) is int else None
+        if type(op_id) is not int:
+            return
+        choice = self.ops.pop(op_id, None)
         if choice is not None and choice.open:
             choice.fail(_WITHDRAWN_EXC)
+            return
 
     def put(self, name: Any, payload: Any) -> None:
         home = self._home(name)
+        value = _payload(payload)
         held = self.credit[name]
         if held <= 0:
             if home.poisoned or home.retired["read"]:
@@ -358,7 +395,7 @@ class _Session:
             del self.credit[name]
             if self._void in home.listeners:
                 home.listeners.remove(self._void)
-        home.put(_payload(payload))
+        home.put(value)
 
     def uncredit(self, name: Any, n: Any) -> None:
         """The client gives promised slots back (before an alternation that writes there)."""
@@ -374,8 +411,20 @@ class _Session:
                     home.listeners.remove(self._void)
             home.release(n)
 
-    def giveback(self, name: Any, payload: Any) -> None:
-        self._home(name).give_back_value(_payload(payload))
+    def giveback(self, op_id: Any, payload: Any) -> None:
+        """The caller of read ``op_id`` was cancelled as its value arrived: the value goes back."""
+        value = _payload(payload)
+        home = self.reads.pop(op_id, None) if type(op_id) is int else None
+        if home is None:
+            raise ValueError("no read of this connection to give back under that id")
+        home.unclaimed -= 1
+        home.give_back_value(value)
+
+    def took(self, op_id: Any) -> None:
+        """The client kept the value of read ``op_id``."""
+        home = self.reads.pop(op_id, None) if type(op_id) is int else None
+        if home is not None:
+            home.claimed()
 
 
 #: The channel servers running on each loop (a channel made there is reachable through them).
@@ -419,7 +468,9 @@ class ChannelServer:
     clients (required to bind other than loopback, unless ``insecure``);
     values are pickled only between authenticated peers. ``advertise``
     (host) is the address put in ends sent to other processes, when it is
-    not the bound one.
+    not the bound one. An end sent by a client that then disconnects keeps
+    its place in its channel for ``transit_timeout`` seconds, unless it
+    arrives first (its message may have been dropped by poison).
     """
 
     def __init__(self) -> None:
@@ -428,7 +479,9 @@ class ChannelServer:
         self.advertised: tuple[str, int] = ("127.0.0.1", 0)
         self._server: Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tokens: dict[str, bool] = {}
+        self._tokens: dict[str, _Transit] = {}
+        #: Seconds an end in transit keeps its place after its sender disconnected.
+        self.transit_timeout = 60.0
 
     @classmethod
     async def start(
@@ -441,9 +494,11 @@ class ChannelServer:
         ssl: _ssl.SSLContext | None = None,
         insecure: bool = False,
         advertise: str | None = None,
+        transit_timeout: float = 60.0,
         **options: Any,
     ) -> ChannelServer:
         self = cls()
+        self.transit_timeout = transit_timeout
         key = resolve_secret(secret, secret_file=secret_file)
         self.codec = payload_codec(key is not None or ssl is not None)
         self._server = await serve(
@@ -499,20 +554,45 @@ class ChannelServer:
             home.codec = self.codec
         return name
 
-    def handover(self, home: Home, kind: Kind, token: Any, *, sent: bool) -> None:
-        """Count an end that changes hands once: whichever of send and arrival comes first joins."""
+    def handover(
+        self, home: Home, kind: Kind, token: Any, *, sent: bool, sender: _Session | None = None
+    ) -> None:
+        """Count an end that changes hands once: whichever of send and arrival comes first joins.
+
+        An end in transit holds its place in the channel while its sender is
+        connected, and for ``transit_timeout`` seconds after the sender left
+        (the message carrying it may have been dropped: poison empties
+        buffers); then its side may retire.
+        """
         if type(token) is not str or not 0 < len(token) <= 64:
             raise ValueError("a transfer token is a short string")
-        first = self._tokens.pop(token, None)
-        if first is None:
-            if len(self._tokens) >= 100_000:
-                raise ValueError("too many ends in transit")
-            self._tokens[token] = sent
-            home.join(kind)
+        first = self._tokens.get(token)
+        if first is not None:
+            if first.sent == sent:
+                raise ValueError("a transfer token is used once")
+            del self._tokens[token]
+            return
+        if len(self._tokens) >= 100_000:
+            raise ValueError("too many ends in transit")
+        self._tokens[token] = _Transit(sent, home, kind, sender)
+        home.join(kind)
 
     def sent(self, home: Home, kind: Kind, token: str) -> None:
         """An end of a channel of this loop is being sent (see :meth:`handover`)."""
         self.handover(home, kind, token, sent=True)
+
+    def sender_lost(self, session: _Session) -> None:
+        """Ends this client sent and nobody adopted yet give up their places after a while."""
+        tokens = [t for t, transit in self._tokens.items() if transit.sender is session]
+        if tokens and self._loop is not None:
+            self._loop.call_later(self.transit_timeout, self._expire, tokens)
+
+    def _expire(self, tokens: list[str]) -> None:
+        for token in tokens:
+            transit = self._tokens.pop(token, None)
+            if transit is not None:
+                transit.home.leave(transit.kind)
+                self.forget_if_over(transit.home)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -709,13 +789,15 @@ class RemoteLink:
             await asyncio.wait((call,))
         except asyncio.CancelledError:
             await self._withdraw(conn, op_id, call)
-            self._settle(name, kind, call)
+            self._settle(op_id, name, kind, call)
             raise
         _, result = call.result()
         if kind == "write":
             if result:
                 self.credits[name] += result
             return None
+        if not conn.closed:
+            conn.notify_nowait("csp.took", op_id)
         return self.codec.decode(result)
 
     async def alt(
@@ -747,10 +829,12 @@ class RemoteLink:
             if not call.cancelled() and call.exception() is None:
                 index, payload = call.result()
                 if index >= 0 and guards[index][1] == "read":
-                    self._give(conn, guards[index][0], payload)
+                    self._give(conn, op_id, payload)
             raise
         index, payload = call.result()
         if index >= 0 and guards[index][1] == "read":
+            if not conn.closed:
+                conn.notify_nowait("csp.took", op_id)
             return index, self.codec.decode(payload)
         return index, None
 
@@ -765,7 +849,7 @@ class RemoteLink:
             call.cancel()  # cancelled again: give up on the answer
             raise
 
-    def _settle(self, name: str, kind: Kind, call: asyncio.Future[Any]) -> None:
+    def _settle(self, op_id: int, name: str, kind: Kind, call: asyncio.Future[Any]) -> None:
         """A cancelled caller's operation happened anyway: keep credits, give a value back."""
         if call.cancelled() or call.exception() is not None:
             return
@@ -776,12 +860,12 @@ class RemoteLink:
             if result:
                 self.credits[name] += result
         elif self._conn is not None:
-            self._give(self._conn, name, result)
+            self._give(self._conn, op_id, result)
 
     @staticmethod
-    def _give(conn: Connection, name: str, payload: bytes) -> None:
+    def _give(conn: Connection, op_id: int, payload: bytes) -> None:
         if not conn.closed:
-            conn.notify_nowait("csp.giveback", name, payload)
+            conn.notify_nowait("csp.giveback", op_id, payload)
 
     async def aclose(self) -> None:
         if self._opening is not None and not self._opening.done():
