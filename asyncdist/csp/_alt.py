@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import random
 import weakref
 from typing import Any
 
 from . import _trace
 from ._channel import ChannelEnd, ReaderEnd, WriterEnd
-from ._home import Choice, Home, Offer, Packed
+from ._home import Choice, Home, Offer, Packed, watch
 from ._net import RemoteLink
 
 __all__ = [
@@ -96,23 +97,28 @@ def _fair_key(guard: Guard) -> tuple[Home | RemoteLink, str] | None:
 async def _select(guards: tuple[Guard, ...], order: list[int]) -> tuple[Guard, Any]:
     if not guards:
         raise ValueError("an alternation needs at least one guard")
-    links: set[RemoteLink | None] = set()
-    for g in guards:
+    groups: dict[RemoteLink | None, list[int]] = {}
+    for i in order:
+        g = guards[i]
         if not isinstance(g, Guard):
             raise TypeError(f"not a guard: {g!r}")
         if g.end is not None:
             g.end._check()
-            links.add(g.end._link)
-    if len(links) > 1:
-        raise ValueError(
-            "the channel guards of one alternation must all be local channels or all channels of one "
-            "channel server (serve the local channels from that server, or split the alternation)"
-        )
-    link = links.pop() if links else None
-    if link is not None:
-        guard, msg = await _select_remote(link, guards, order)
+            groups.setdefault(g.end._link, []).append(i)
+    skip = next((g for g in guards if isinstance(g, SkipGuard)), None)
+    timeout = _timeout(guards)
+    if len(groups) <= 1:
+        owner, chosen = next(iter(groups.items()), (None, []))
+        seconds = timeout.seconds if timeout is not None else None
+        outcome = await _commit(owner, guards, chosen, skip=skip is not None, timeout=seconds)
     else:
-        guard, msg = await _select_local(guards, order)
+        outcome = await _select_spanning(groups, guards, skip is not None, timeout)
+    if outcome is not None:
+        guard, msg = outcome
+    else:  # nothing committed: with a skip guard nothing waits, else the timeout passed
+        fallback = skip if skip is not None else timeout
+        assert fallback is not None
+        guard, msg = fallback, None
     if _trace.tracer is not None:
         _trace.event(
             "select",
@@ -128,55 +134,78 @@ def _timeout(guards: tuple[Guard, ...]) -> TimeoutGuard | None:
     return min(timeouts, key=lambda g: g.seconds) if timeouts else None
 
 
-async def _select_remote(link: RemoteLink, guards: tuple[Guard, ...], order: list[int]) -> tuple[Guard, Any]:
-    """An alternation over channels of one server: the server commits it atomically."""
-    chosen = [i for i in order if isinstance(guards[i], InputGuard | OutputGuard)]
+async def _commit(
+    owner: RemoteLink | None,
+    guards: tuple[Guard, ...],
+    chosen: list[int],
+    *,
+    skip: bool,
+    timeout: float | None,
+    stop: asyncio.Future[Any] | None = None,
+) -> tuple[Guard, Any] | None:
+    """Commit one of the channel guards ``chosen`` (indices, by priority), all homed by ``owner``
+    (this loop, or one server): ``(guard, msg)``, or None when ``skip`` found nothing ready, or
+    ``timeout`` passed, or ``stop`` was set first."""
+    if owner is not None:
+        return await _commit_remote(owner, guards, chosen, skip, timeout, stop)
+    return await _commit_local(guards, chosen, skip, timeout, stop)
+
+
+async def _commit_remote(
+    link: RemoteLink,
+    guards: tuple[Guard, ...],
+    chosen: list[int],
+    skip: bool,
+    timeout: float | None,
+    stop: asyncio.Future[Any] | None,
+) -> tuple[Guard, Any] | None:
+    """Over channels of one server: the server commits it atomically."""
     offers = []
     for i in chosen:
         g = guards[i]
         assert g.end is not None
-        kind = g.end.kind
-        offers.append((g.end.channel.name, kind, g.msg if isinstance(g, OutputGuard) else None))
-    skip = next((g for g in guards if isinstance(g, SkipGuard)), None)
-    timeout = _timeout(guards)
-    index, msg = await link.alt(offers, skip is not None, timeout.seconds if timeout is not None else None)
-    if index >= 0:
-        return guards[chosen[index]], msg
-    if index == -1 and skip is not None:
-        return skip, None
-    assert timeout is not None
-    return timeout, None
+        offers.append((g.end.channel.name, g.end.kind, g.msg if isinstance(g, OutputGuard) else None))
+    index, msg = await link.alt(offers, skip, timeout, stop)
+    return (guards[chosen[index]], msg) if index >= 0 else None
 
 
-async def _select_local(guards: tuple[Guard, ...], order: list[int]) -> tuple[Guard, Any]:
+async def _commit_local(
+    guards: tuple[Guard, ...],
+    chosen: list[int],
+    skip: bool,
+    timeout: float | None,
+    stop: asyncio.Future[Any] | None,
+) -> tuple[Guard, Any] | None:
+    """Over channels of this loop: one choice, an offer per guard, committed by their homes."""
     loop = asyncio.get_running_loop()
     choice = Choice(loop)
     # Offer the guards in priority order: the first one that can complete at once wins.
-    for i in order:
+    for i in chosen:
         g = guards[i]
-        if isinstance(g, InputGuard):
-            offer = Offer(choice, g.end._home, "read", tag=g)
-        elif isinstance(g, OutputGuard):
-            offer = Offer(choice, g.end._home, "write", g.end._home.pack(g.msg), tag=g)
+        assert g.end is not None
+        home = g.end._home
+        if isinstance(g, OutputGuard):
+            offer = Offer(choice, home, "write", home.pack(g.msg), tag=g)
         else:
-            continue
+            offer = Offer(choice, home, "read", tag=g)
         choice.offers.append(offer)
-        offer.home.offer(offer)
+        home.offer(offer)
         if not choice.open:
             break
-    if choice.open:
-        skip = next((g for g in guards if isinstance(g, SkipGuard)), None)
-        if skip is not None:
-            choice.close()
-            return skip, None
+    if choice.open and skip:
+        choice.close()
+        return None
     timer = None
-    if choice.open:
-        timeout = _timeout(guards)
-        if timeout is not None:
-            timeout_offer = Offer(choice, _NO_HOME, "read", tag=timeout)
-            timer = loop.call_later(timeout.seconds, _expire, choice, timeout_offer)
+    if choice.open and timeout is not None:
+        timer = loop.call_later(timeout, _expire, choice, Offer(choice, _NO_HOME, "read", tag=None))
     try:
-        offer, value = await choice.future
+        if stop is None or choice.future.done():
+            await choice.future
+        else:
+            await asyncio.wait((choice.future, stop), return_when=asyncio.FIRST_COMPLETED)
+            if choice.open:
+                choice.close()
+                return None
     except asyncio.CancelledError:
         if not choice.future.done() or choice.future.cancelled():
             choice.close()
@@ -188,11 +217,88 @@ async def _select_local(guards: tuple[Guard, ...], order: list[int]) -> tuple[Gu
     finally:
         if timer is not None:
             timer.cancel()
-    if offer.kind == "read" and offer.home is not _NO_HOME:
+    offer, value = choice.future.result()
+    if offer.home is _NO_HOME:
+        return None
+    if offer.kind == "read":
         offer.home.claimed()
         if type(value) is Packed:
             value = offer.home.codec.decode(value.data)
     return offer.tag, value
+
+
+async def _select_spanning(
+    groups: dict[RemoteLink | None, list[int]],
+    guards: tuple[Guard, ...],
+    skip: bool,
+    timeout: TimeoutGuard | None,
+) -> tuple[Guard, Any] | None:
+    """An alternation over channels of several homes (this loop and servers, or several servers).
+
+    Each home commits atomically only its own channels, so the alternation
+    never has offers at two of them at once: it tries every group without
+    waiting (in priority order), then waits with offers at one group chosen
+    at random while watching the others; when a watched channel becomes
+    ready it takes its offers back (or keeps what committed meanwhile) and
+    tries again. Exactly one guard commits; random choice of the waiting
+    group breaks the symmetry of alternations that wait for each other.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout.seconds if timeout is not None else None
+    owners = list(groups)
+    while True:
+        for owner in owners:  # in priority order: groups are keyed by their best guard
+            outcome = await _commit(owner, guards, groups[owner], skip=True, timeout=None)
+            if outcome is not None:
+                return outcome
+        if skip:
+            return None
+        remaining = deadline - loop.time() if deadline is not None else None
+        if remaining is not None and remaining <= 0:
+            return None
+        waiting = random.choice(owners)
+        stop: asyncio.Future[None] = loop.create_future()
+        watchers = [
+            asyncio.ensure_future(_watch(owner, guards, groups[owner]))
+            for owner in owners
+            if owner is not waiting
+        ]
+        for w in watchers:
+            w.add_done_callback(functools.partial(_wake, stop))
+        try:
+            outcome = await _commit(
+                waiting, guards, groups[waiting], skip=False, timeout=remaining, stop=stop
+            )
+        finally:
+            for w in watchers:
+                w.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+        if outcome is not None:
+            return outcome
+        if not stop.done() and deadline is not None and loop.time() >= deadline:
+            return None
+
+
+def _wake(stop: asyncio.Future[None], _: Any) -> None:
+    if not stop.done():
+        stop.set_result(None)
+
+
+async def _watch(owner: RemoteLink | None, guards: tuple[Guard, ...], chosen: list[int]) -> None:
+    pairs = []
+    for i in chosen:
+        end = guards[i].end
+        assert end is not None
+        pairs.append((end, end.kind))
+    if owner is not None:
+        await owner.watch([(end.channel.name, kind) for end, kind in pairs])
+        return
+    fut = watch([(end._home, kind) for end, kind in pairs])
+    if fut is not None:
+        try:
+            await fut
+        finally:
+            fut.cancel()
 
 
 def _expire(choice: Choice, offer: Offer) -> None:

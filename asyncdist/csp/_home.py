@@ -29,7 +29,7 @@ from typing import Any, Final, Literal
 
 from ..errors import ChannelEnded, ChannelPoisoned, ChannelRetired
 
-__all__ = ["Choice", "Home", "Kind", "Offer", "Packed", "local_homes"]
+__all__ = ["Choice", "Home", "Kind", "Offer", "Packed", "local_homes", "watch"]
 
 Kind = Literal["read", "write"]
 #: The channels made on each event loop, by name, so that the loop's channel server can host them.
@@ -129,6 +129,8 @@ class Home:
         self.reserved = 0
         #: Called with this home when it is poisoned or its readers retired (credits become void).
         self.listeners: list[Callable[[Home], None]] = []
+        #: Called (once) at the next change of state: alternations spanning several homes watch them.
+        self.watchers: list[Callable[[], None]] = []
         #: Decodes values that remote writers sent (set when a channel server hosts this home).
         self.codec: Any = None
 
@@ -152,6 +154,8 @@ class Home:
             self._fail_waiting()
             if kind == "read":
                 self._ended()
+            elif self.watchers:
+                self.changed()
 
     def disconnect(self, kind: Kind) -> None:
         """An end leaves without retiring the channel (it may join again)."""
@@ -203,7 +207,15 @@ class Home:
         done = self._read(offer) if offer.kind == "read" else self._write(offer)
         if not done:
             (self.readers if offer.kind == "read" else self.writers).append(offer)
+        if self.watchers:
+            self.changed()
         return done
+
+    def changed(self) -> None:
+        """Tell the watchers that something changed (they look again)."""
+        watchers, self.watchers = self.watchers, []
+        for w in watchers:
+            w()
 
     def _next_live(self, queue: deque[Offer], exclude: Choice) -> Offer | None:
         while queue:
@@ -262,6 +274,8 @@ class Home:
                 self._hand(reader, value)
                 return
         self.values.append(value)
+        if self.watchers:
+            self.changed()
 
     def release(self, n: int) -> None:
         """``n`` promised slots are given back: waiting writers may move in."""
@@ -274,6 +288,8 @@ class Home:
             if not self._write(writer):  # pragma: no cover - there is room
                 self.writers.appendleft(writer)
                 break
+        if self.watchers:
+            self.changed()
 
     @staticmethod
     def _take(queue: deque[Offer], offer: Offer) -> None:
@@ -311,6 +327,8 @@ class Home:
         if reader is not None:
             self._take(self.readers, reader)
             self._read(reader)
+        if self.watchers:
+            self.changed()
 
     def withdraw(self, offer: Offer) -> None:
         """Remove a waiting offer whose choice is closed (cheap: also done lazily)."""
@@ -329,6 +347,8 @@ class Home:
         self._ended()
 
     def _ended(self) -> None:
+        if self.watchers:
+            self.changed()
         listeners, self.listeners = self.listeners, []
         for listener in listeners:
             listener(self)
@@ -343,3 +363,36 @@ class Home:
                     queue.append(offer)  # still possible (a read of buffered values)
                 else:
                     offer.choice.fail(ended)
+
+
+def watch(guards: list[tuple[Home, Kind]]) -> asyncio.Future[None] | None:
+    """None if one of these (home, kind) operations could complete, or fail, now; else a future
+    set when one can (cancel it to stop watching)."""
+
+    def now() -> bool:
+        return any(home.ready(kind) or home.ended(kind) is not None for home, kind in guards)
+
+    if now():
+        return None
+    fut: asyncio.Future[None] = guards[0][0].loop.create_future()
+
+    def look() -> None:
+        if fut.done():
+            return
+        if now():
+            fut.set_result(None)
+        else:
+            for home, _ in guards:
+                if look not in home.watchers:
+                    home.watchers.append(look)
+
+    def stop(_: Any) -> None:
+        for home, _kind in guards:
+            if look in home.watchers:
+                home.watchers.remove(look)
+
+    for home, _ in guards:
+        if look not in home.watchers:
+            home.watchers.append(look)
+    fut.add_done_callback(stop)
+    return fut

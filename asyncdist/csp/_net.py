@@ -59,7 +59,7 @@ from ..connection import Connection, connect
 from ..errors import SerializationError
 from ..security import resolve_secret
 from ..server import Server, serve
-from ._home import Choice, Home, Kind, Offer, Packed, local_homes
+from ._home import Choice, Home, Kind, Offer, Packed, local_homes, watch
 
 __all__ = [
     "ChannelServer",
@@ -184,6 +184,7 @@ class _Session:
             "csp.uncredit": self.uncredit,
             "csp.giveback": self.giveback,
             "csp.took": self.took,
+            "csp.watch": self.watch,
             "csp.poison": self.poison,
             "csp.retire": self.retire,
             "csp.leave": self.leave,
@@ -373,6 +374,18 @@ class _Session:
         """The channel ended: promised slots are void; tell the client to stop using them."""
         if self.credit.pop(home.name, 0) and not self.conn.closed:
             self.conn.notify_nowait("csp.ended", home.name)
+
+    def watch(self, guards: Any) -> Any:
+        """Answer once one of ``[[name, kind], ...]`` could complete now (for alternations that span
+        several servers, which try each in turn)."""
+        if type(guards) is not list or not 0 < len(guards) <= MAX_GUARDS:
+            raise ValueError(f"a watch has 1 to {MAX_GUARDS} guards")
+        pairs = []
+        for item in guards:
+            if type(item) is not list or len(item) != 2:
+                raise ValueError("a watched guard is [name, kind]")
+            pairs.append((self._home(item[0]), _kind(item[1])))
+        return watch(pairs)
 
     def withdraw(self, op_id: Any) -> None:
         if type(op_id) is not int:
@@ -801,12 +814,17 @@ class RemoteLink:
         return self.codec.decode(result)
 
     async def alt(
-        self, guards: list[tuple[str, Kind, Any]], skip: bool, timeout: float | None
+        self,
+        guards: list[tuple[str, Kind, Any]],
+        skip: bool,
+        timeout: float | None,
+        stop: asyncio.Future[Any] | None = None,
     ) -> tuple[int, Any]:
         """Commit one of ``guards`` (name, kind, value) atomically on the server.
 
         Returns (index, value read or None); index -1: nothing was ready and
-        ``skip``; -2: ``timeout`` passed first.
+        ``skip``; -2: ``timeout`` passed, or ``stop`` was set, before anything
+        committed.
         """
         conn = self._conn or await self.connection()
         offers: list[list[Any]] = []
@@ -821,8 +839,9 @@ class RemoteLink:
         op_id = next(self._ids)
         call = asyncio.ensure_future(conn.call("csp.alt", op_id, offers, skip))
         try:
-            done, _ = await asyncio.wait((call,), timeout=timeout)
-            if not done:
+            waiting: set[asyncio.Future[Any]] = {call} if stop is None else {call, stop}
+            await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not call.done():
                 await self._withdraw(conn, op_id, call)
         except asyncio.CancelledError:
             await self._withdraw(conn, op_id, call)
@@ -837,6 +856,11 @@ class RemoteLink:
                 conn.notify_nowait("csp.took", op_id)
             return index, self.codec.decode(payload)
         return index, None
+
+    async def watch(self, guards: list[tuple[str, Kind]]) -> None:
+        """Return once one of these (channel, kind) operations could complete (or would fail) now."""
+        conn = self._conn or await self.connection()
+        await conn.call("csp.watch", [[name, kind] for name, kind in guards])
 
     async def _withdraw(self, conn: Connection, op_id: int, call: asyncio.Future[Any]) -> None:
         """Take back a waiting operation; wait for its answer (it may have happened meanwhile)."""
