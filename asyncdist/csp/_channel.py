@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from ..errors import ChannelRetired
 from . import _trace
-from ._home import Choice, Home, Kind, Offer, Packed, local_homes
+from ._home import NOT_NOW, Choice, Home, Kind, Offer, Packed, local_homes
 from ._net import RemoteLink, link_for, local_server
 
 __all__ = [
@@ -106,25 +106,27 @@ class ChannelEnd:
         if self._link is not None:
             result = await self._link.op(self.channel.name, self.kind, value)
         else:
-            choice = Choice(self._home.loop)
-            offer = Offer(
-                choice, self._home, self.kind, self._home.pack(value) if self.kind == "write" else None
-            )
-            choice.offers.append(offer)
-            if not self._home.offer(offer):
-                try:
-                    await choice.future
-                except asyncio.CancelledError:
-                    if not choice.future.done() or choice.future.cancelled():
-                        choice.close()
-                    else:
-                        self._home.give_back(choice)
-                    raise
-            result = choice.future.result()[1]
-            if self.kind == "read":
-                self._home.claimed()
+            home = self._home
+            packed = home.pack(value) if self.kind == "write" else None
+            result = home.now(self.kind, packed)
+            if result is NOT_NOW:  # it must wait: offer it, as a choice of one
+                choice = Choice(home.loop)
+                offer = Offer(choice, home, self.kind, packed)
+                choice.offers.append(offer)
+                if not home.offer(offer):
+                    try:
+                        await choice.future
+                    except asyncio.CancelledError:
+                        if not choice.future.done() or choice.future.cancelled():
+                            choice.close()
+                        else:
+                            home.give_back(choice)
+                        raise
+                result = choice.future.result()[1]
+                if self.kind == "read":
+                    home.claimed()
             if type(result) is Packed:
-                result = self._home.codec.decode(result.data)
+                result = home.codec.decode(result.data)
         if _trace.tracer is not None:
             _trace.event(
                 self.kind, channel=self.channel.name, value=value if self.kind == "write" else result

@@ -29,7 +29,7 @@ from typing import Any, Final, Literal
 
 from ..errors import ChannelEnded, ChannelPoisoned, ChannelRetired
 
-__all__ = ["Choice", "Home", "Kind", "Offer", "Packed", "local_homes", "watch"]
+__all__ = ["NOT_NOW", "Choice", "Home", "Kind", "Offer", "Packed", "local_homes", "watch"]
 
 Kind = Literal["read", "write"]
 #: The channels made on each event loop, by name, so that the loop's channel server can host them.
@@ -82,7 +82,9 @@ class Choice:
             self.future.set_exception(exc)
 
 
-_NO_CHOICE: Final = Choice.__new__(Choice)  # excludes nothing in Home._next_live
+_NO_CHOICE: Final = Choice.__new__(Choice)
+#: What :meth:`Home.now` returns when the operation must wait.
+NOT_NOW: Final = object()  # excludes nothing in Home._next_live
 
 
 class Packed:
@@ -129,6 +131,8 @@ class Home:
         self.reserved = 0
         #: Called with this home when it is poisoned or its readers retired (credits become void).
         self.listeners: list[Callable[[Home], None]] = []
+        #: Called (once) when a buffer slot frees up (channel servers top their clients' credits up).
+        self.room_waiters: list[Callable[[], None]] = []
         #: Called (once) at the next change of state: alternations spanning several homes watch them.
         self.watchers: list[Callable[[], None]] = []
         #: Decodes values that remote writers sent (set when a channel server hosts this home).
@@ -231,6 +235,59 @@ class Home:
             return other
         return None
 
+    def now(self, kind: Kind, value: Any = None) -> Any:
+        """Do a plain read or write at once if it can complete now, without making a choice.
+
+        Returns the value read (None for a write), or :data:`NOT_NOW` if the
+        operation must wait (then offer it with :meth:`offer`); raises the
+        channel's end (poison, retirement).
+        """
+        ended = self.ended(kind)
+        if ended is not None:
+            raise ended
+        if kind == "read":
+            if self.values:
+                result = self.values.popleft()
+                if self.writers and self._room():
+                    self._refill_one()
+                elif self.room_waiters:
+                    self._room_freed()
+            else:
+                writer = self._next_live(self.writers, _NO_CHOICE) if self.writers else None
+                if writer is None:
+                    return NOT_NOW
+                self._take(self.writers, writer)
+                writer.choice.win(writer, None)
+                result = writer.value
+        else:
+            reader = self._next_live(self.readers, _NO_CHOICE) if self.readers and not self.values else None
+            if reader is not None:
+                self._take(self.readers, reader)
+                self._hand(reader, value)
+            elif self._room():
+                self.values.append(value)
+            else:
+                return NOT_NOW
+            result = None
+        if self.watchers:
+            self.changed()
+        return result
+
+    def _refill_one(self) -> None:
+        """A slot freed: the first waiting writer's value moves in (or whoever waits for room hears)."""
+        writer = self._next_live(self.writers, _NO_CHOICE)
+        if writer is not None:
+            self._take(self.writers, writer)
+            self.values.append(writer.value)
+            writer.choice.win(writer, None)
+        elif self.room_waiters:
+            self._room_freed()
+
+    def _room_freed(self) -> None:
+        waiters, self.room_waiters = self.room_waiters, []
+        for w in waiters:
+            w()
+
     def _read(self, offer: Offer) -> bool:
         if self.values:
             value = self.values.popleft()
@@ -239,6 +296,8 @@ class Home:
                 self._take(self.writers, writer)
                 self.values.append(writer.value)
                 writer.choice.win(writer, None)
+            elif self.room_waiters:
+                self._room_freed()
             self._hand(offer, value)
             return True
         writer = self._next_live(self.writers, offer.choice)

@@ -44,6 +44,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import itertools
 import os
@@ -56,10 +57,10 @@ from typing import Any
 
 from ..codec import Codec
 from ..connection import Connection, connect
-from ..errors import SerializationError
+from ..errors import ConnectionClosedError, SerializationError
 from ..security import resolve_secret
 from ..server import Server, serve
-from ._home import Choice, Home, Kind, Offer, Packed, local_homes, watch
+from ._home import NOT_NOW, Choice, Home, Kind, Offer, Packed, local_homes, watch
 
 __all__ = [
     "ChannelServer",
@@ -118,8 +119,13 @@ def effect(action: Callable[[], None]) -> None:
         pending.append(action)
 
 
+_SCALARS: frozenset[type] = frozenset({int, float, str, bytes, bool, type(None)})
+
+
 async def encode_value(codec: Codec, value: Any) -> bytes:
     """Encode a channel value; an end of a local channel in it makes this loop serve that channel."""
+    if type(value) in _SCALARS:
+        return codec.encode(value)
     for _ in range(2):
         with deferred_effects() as effects:
             try:
@@ -175,12 +181,15 @@ class _Session:
         self.credit: collections.Counter[str] = collections.Counter()
         #: Recent reads answered to this client, by op id: what it may give back.
         self.reads: collections.OrderedDict[int, Home] = collections.OrderedDict()
+        #: Channels where this client waits for free slots to be promised.
+        self.awaiting_room: set[str] = set()
         self.handlers: dict[str, Callable[..., Any]] = {
             "csp.join": self.join,
             "csp.op": self.op,
             "csp.alt": self.alt,
             "csp.withdraw": self.withdraw,
             "csp.put": self.put,
+            "csp.puts": self.puts,
             "csp.uncredit": self.uncredit,
             "csp.giveback": self.giveback,
             "csp.took": self.took,
@@ -215,6 +224,8 @@ class _Session:
         home = self._home(name)
         if self.joined[(name, kind)] > 0:
             self.joined[(name, kind)] -= 1
+            if kind == "write" and not self.joined[(name, kind)]:
+                self._drop_credit(home)
             home.leave(kind)
             self.server.forget_if_over(home)
 
@@ -268,8 +279,15 @@ class _Session:
     def op(self, op_id: Any, name: Any, kind: Any, payload: Any = None) -> Any:
         home = self._home(name)
         kind = _kind(kind)
+        value = _payload(payload) if kind == "write" else None
+        result = home.now(kind, value)
+        if result is not NOT_NOW:  # done at once: no choice to make
+            if kind == "read":
+                home.unclaimed += 1
+                return self._read_answer(op_id, home, result, 0, None)
+            return [0, self._grant(home) if home.capacity else None]
         choice = Choice(home.loop)
-        offer = Offer(choice, home, kind, _payload(payload) if kind == "write" else None, tag=0)
+        offer = Offer(choice, home, kind, value, tag=0)
         choice.offers.append(offer)
         if home.offer(offer):
             return self._answer(op_id, choice, True)
@@ -336,27 +354,34 @@ class _Session:
         """``[index, value read]``, or for a write ``[index, credits granted]`` (raises its failure)."""
         offer, value = choice.future.result()  # raises the channel's end, or _Withdrawn
         if offer.kind == "read":
-            home = offer.home
-            if type(value) is Packed:
-                data = value.data
-            else:
-                try:
-                    data = self.server.codec.encode(value)
-                except BaseException:
-                    home.give_back(choice)  # a local writer's value this client cannot receive stays
-                    raise
-            # In the client's hands until it says it took it (csp.took) or gives it back (csp.giveback):
-            # until then no reader is told that the channel is drained.
-            if op_id in self.reads:
-                home.claimed()
-                raise ValueError("an operation id is an int not in use")
-            self.reads[op_id] = home
-            if len(self.reads) > MAX_UNACKED:
-                self.reads.popitem(last=False)[1].claimed()
-            return [offer.tag, data]
+            return self._read_answer(op_id, offer.home, value, offer.tag, choice)
         if grant and offer.home.capacity:
             return [offer.tag, self._grant(offer.home)]
         return [offer.tag, None]
+
+    def _read_answer(self, op_id: Any, home: Home, value: Any, tag: Any, choice: Choice | None) -> list[Any]:
+        """The answer to a read of ``value`` (handed over, unclaimed): ``[tag, encoded value]``."""
+        if type(value) is Packed:
+            data = value.data
+        else:
+            try:
+                data = self.server.codec.encode(value)
+            except BaseException:  # a local writer's value this client cannot receive: it stays
+                if choice is not None:
+                    home.give_back(choice)
+                else:
+                    home.unclaimed -= 1
+                    home.give_back_value(value)
+                raise
+        # In the client's hands until it says it took it (csp.took) or gives it back (csp.giveback):
+        # until then no reader is told that the channel is drained.
+        if op_id in self.reads:
+            home.claimed()
+            raise ValueError("an operation id is an int not in use")
+        self.reads[op_id] = home
+        if len(self.reads) > MAX_UNACKED:
+            self.reads.popitem(last=False)[1].claimed()
+        return [tag, data]
 
     def _grant(self, home: Home) -> int:
         """Promise this client free buffer slots of ``home``: its next writes need no answer."""
@@ -396,19 +421,56 @@ class _Session:
             return
 
     def put(self, name: Any, payload: Any) -> None:
+        self.puts(name, [payload])
+
+    def puts(self, name: Any, payloads: Any) -> None:
+        """Values written with promised slots (credits), in order; tops the client's credits up."""
         home = self._home(name)
-        value = _payload(payload)
+        if type(payloads) is not list or not 0 < len(payloads) <= MAX_CREDIT:
+            raise ValueError(f"csp.puts takes a list of 1 to {MAX_CREDIT} values")
+        values = [_payload(p) for p in payloads]
         held = self.credit[name]
-        if held <= 0:
+        if held < len(values):
             if home.poisoned or home.retired["read"]:
-                return  # credits voided while this value travelled
-            raise ValueError(f"a write to {name!r} without a promised slot")
-        self.credit[name] = held - 1
-        if held == 1:
+                return  # credits voided while these values travelled
+            raise ValueError(f"writes to {name!r} without promised slots")
+        held -= len(values)
+        if held:
+            self.credit[name] = held
+        else:
             del self.credit[name]
             if self._void in home.listeners:
                 home.listeners.remove(self._void)
-        home.put(value)
+        for value in values:
+            home.put(value)
+        self._top_up(home)
+
+    def _top_up(self, home: Home) -> None:
+        """Promise more slots before the client runs out, so that a streaming writer never stops."""
+        if home.poisoned or home.retired["read"] or self.conn.closed:
+            return
+        window = min(home.capacity, MAX_CREDIT)
+        if self.credit[home.name] > window // 2:
+            return
+        if home.free() >= max(1, window // 4):
+            n = self._grant(home)
+            if n:
+                self.conn.notify_nowait("csp.credit", home.name, n)
+        elif home.name not in self.awaiting_room:
+            self.awaiting_room.add(home.name)
+            home.room_waiters.append(functools.partial(self._room, home))
+
+    def _room(self, home: Home) -> None:
+        self.awaiting_room.discard(home.name)
+        self._top_up(home)
+
+    def _drop_credit(self, home: Home) -> None:
+        """No write end of this connection is left on ``home``: its promised slots go back."""
+        held = self.credit.pop(home.name, 0)
+        if held:
+            if self._void in home.listeners:
+                home.listeners.remove(self._void)
+            home.release(held)
 
     def uncredit(self, name: Any, n: Any) -> None:
         """The client gives promised slots back (before an alternation that writes there)."""
@@ -699,7 +761,9 @@ _starting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[N
 )
 
 
-async def _close_with_loop(closing: ChannelServer | Connection) -> AsyncGenerator[None, None]:
+async def _close_with_loop(
+    closing: ChannelServer | Connection, before: Callable[[], None] | None = None
+) -> AsyncGenerator[None, None]:
     """Close a server, or a link's connection, when the loop shuts down (``asyncio.run`` does).
 
     A connection closes gracefully: writes already sent as promised slots (credits) still arrive.
@@ -707,6 +771,8 @@ async def _close_with_loop(closing: ChannelServer | Connection) -> AsyncGenerato
     try:
         yield
     finally:
+        if before is not None:
+            before()
         if isinstance(closing, ChannelServer):
             closing.close()
         elif not closing.closed:
@@ -736,17 +802,40 @@ class RemoteLink:
         self._early: list[tuple[str, tuple[Any, ...]]] = []
         self._ids = itertools.count(1)
         self._guard: AsyncGenerator[None, None] | None = None
+        #: Values written with credits, per channel, sent together at the end of this loop iteration.
+        self._puts: dict[str, list[bytes]] = {}
 
     @property
     def broken(self) -> bool:
         """The connection was opened and is closed now (ends of this link fail)."""
         return self._conn is not None and self._conn.closed
 
+    def _flush_puts(self) -> None:
+        """Send the values written with credits so far (before anything else goes out)."""
+        puts, conn = self._puts, self._conn
+        if puts and conn is not None:
+            self._puts = {}
+            if not conn.closed:
+                for name, payloads in puts.items():
+                    conn.notify_nowait("csp.puts", name, payloads)
+
+    def _put(self, conn: Connection, name: str, payload: bytes) -> None:
+        batch = self._puts.get(name)
+        if batch is None:
+            if not self._puts:
+                self.loop.call_soon(self._flush_puts)
+            self._puts[name] = [payload]
+        else:
+            batch.append(payload)
+            if len(batch) >= MAX_CREDIT:
+                self._flush_puts()
+
     def send(self, method: str, *args: Any) -> None:
         """Send a one-way message now if connected, else as soon as the connection opens."""
         conn = self._conn
         if conn is not None:
             if not conn.closed:
+                self._flush_puts()
                 conn.notify_nowait(method, *args)
             return
         self._early.append((method, args))
@@ -759,8 +848,9 @@ class RemoteLink:
 
     async def _open(self) -> Connection:
         host, port = self.address
-        conn = await connect(host, port, handlers={"csp.ended": self._ended}, **self.options)
-        guard = _close_with_loop(conn)
+        handlers: dict[str, Callable[..., Any]] = {"csp.ended": self._ended, "csp.credit": self._credit}
+        conn = await connect(host, port, handlers=handlers, **self.options)
+        guard = _close_with_loop(conn, self._flush_puts)
         await guard.__anext__()
         self._guard = guard
         for method, args in self._early:
@@ -773,6 +863,10 @@ class RemoteLink:
         if type(name) is str:
             self.credits.pop(name, None)
 
+    def _credit(self, name: Any, n: Any) -> None:
+        if type(name) is str and type(n) is int and 0 < n <= MAX_CREDIT:
+            self.credits[name] += n
+
     async def connection(self) -> Connection:
         conn = self._conn
         if conn is not None:
@@ -783,6 +877,7 @@ class RemoteLink:
 
     async def call(self, method: str, *args: Any) -> Any:
         conn = await self.connection()
+        self._flush_puts()
         return await conn.call(method, *args)
 
     async def op(self, name: str, kind: Kind, value: Any) -> Any:
@@ -790,12 +885,17 @@ class RemoteLink:
         conn = self._conn or await self.connection()
         if kind == "write":
             payload = await encode_value(self.codec, value)
-            if self.credits.get(name, 0) > 0:
+            if self.credits.get(name, 0) > 0:  # a promised slot: no need to wait for an answer
                 self.credits[name] -= 1
-                await conn.notify("csp.put", name, payload)
+                if conn.closed:
+                    raise conn.close_exception or ConnectionClosedError(
+                        "the channel server connection closed"
+                    )
+                self._put(conn, name, payload)
                 return None
         else:
             payload = None
+        self._flush_puts()
         op_id = next(self._ids)
         call = asyncio.ensure_future(conn.call("csp.op", op_id, name, kind, payload))
         try:
@@ -827,6 +927,7 @@ class RemoteLink:
         committed.
         """
         conn = self._conn or await self.connection()
+        self._flush_puts()
         offers: list[list[Any]] = []
         for name, kind, value in guards:
             if kind == "write":
@@ -860,11 +961,13 @@ class RemoteLink:
     async def watch(self, guards: list[tuple[str, Kind]]) -> None:
         """Return once one of these (channel, kind) operations could complete (or would fail) now."""
         conn = self._conn or await self.connection()
+        self._flush_puts()
         await conn.call("csp.watch", [[name, kind] for name, kind in guards])
 
     async def _withdraw(self, conn: Connection, op_id: int, call: asyncio.Future[Any]) -> None:
         """Take back a waiting operation; wait for its answer (it may have happened meanwhile)."""
         if not call.done() and not conn.closed:
+            self._flush_puts()
             conn.notify_nowait("csp.withdraw", op_id)
             conn.flush()
         try:
@@ -892,6 +995,7 @@ class RemoteLink:
             conn.notify_nowait("csp.giveback", op_id, payload)
 
     async def aclose(self) -> None:
+        self._flush_puts()
         if self._opening is not None and not self._opening.done():
             self._opening.cancel()
             await asyncio.wait((self._opening,))
