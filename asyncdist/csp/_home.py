@@ -138,6 +138,26 @@ class Home:
         #: Decodes values that remote writers sent (set when a channel server hosts this home).
         self.codec: Any = None
 
+    def serve(self, codec: Any) -> None:
+        """This channel is now served to other processes: values written from now on are encoded
+        with ``codec``; waiting writes whose value cannot travel fail (their value stays theirs),
+        buffered values that can are encoded now."""
+        self.codec = codec
+        for offer in list(self.writers):
+            if offer.choice.open and type(offer.value) is not Packed:
+                try:
+                    offer.value = Packed(codec.encode(offer.value))
+                except Exception as exc:
+                    self.writers.remove(offer)
+                    offer.choice.fail(exc)
+        packed: deque[Any] = deque()
+        for value in self.values:
+            try:
+                packed.append(value if type(value) is Packed else Packed(codec.encode(value)))
+            except Exception:
+                packed.append(value)  # written before: a remote reader that takes it gets the error
+        self.values = packed
+
     def pack(self, value: Any) -> Any:
         """A value written here: as is, or encoded once this channel is served to other processes
         (so that a value that cannot travel fails its write, not the remote reader that took it)."""

@@ -47,6 +47,7 @@ import dataclasses
 import functools
 import ipaddress
 import itertools
+import logging
 import os
 import socket
 import ssl as _ssl
@@ -57,7 +58,7 @@ from typing import Any
 
 from ..codec import Codec
 from ..connection import Connection, connect
-from ..errors import ConnectionClosedError, SerializationError
+from ..errors import ConnectionClosedError, ConnectionClosedOK, SerializationError
 from ..security import resolve_secret
 from ..server import Server, serve
 from ._home import NOT_NOW, Choice, Home, Kind, Offer, Packed, local_homes, watch
@@ -74,6 +75,8 @@ __all__ = [
     "servers_of",
     "shutdown",
 ]
+
+log = logging.getLogger("asyncdist.csp")
 
 #: At most this many buffer slots are promised to one client per channel at a time.
 MAX_CREDIT = 256
@@ -180,27 +183,45 @@ class _Session:
         self.ops: dict[int, Choice] = {}
         self.credit: collections.Counter[str] = collections.Counter()
         #: Recent reads answered to this client, by op id: what it may give back.
-        self.reads: collections.OrderedDict[int, Home] = collections.OrderedDict()
+        self.reads: collections.OrderedDict[int, tuple[Home, bytes]] = collections.OrderedDict()
+        #: Watches (csp.watch) waiting for this client.
+        self.watches: set[asyncio.Future[None]] = set()
         #: Channels where this client waits for free slots to be promised.
         self.awaiting_room: set[str] = set()
+        self._refused = 0
+        quiet = self._quiet
         self.handlers: dict[str, Callable[..., Any]] = {
-            "csp.join": self.join,
+            # Called (answered): errors go back to the caller.
             "csp.op": self.op,
             "csp.alt": self.alt,
-            "csp.withdraw": self.withdraw,
-            "csp.put": self.put,
-            "csp.puts": self.puts,
-            "csp.uncredit": self.uncredit,
-            "csp.giveback": self.giveback,
-            "csp.took": self.took,
             "csp.watch": self.watch,
             "csp.poison": self.poison,
             "csp.retire": self.retire,
-            "csp.leave": self.leave,
-            "csp.transfer": self.transfer,
-            "csp.adopt": self.adopt,
+            # Sent one-way: a malformed one is refused quietly (a client cannot flood the log).
+            "csp.join": quiet(self.join),
+            "csp.withdraw": quiet(self.withdraw),
+            "csp.put": quiet(self.put),
+            "csp.puts": quiet(self.puts),
+            "csp.uncredit": quiet(self.uncredit),
+            "csp.giveback": quiet(self.giveback),
+            "csp.took": quiet(self.took),
+            "csp.leave": quiet(self.leave),
+            "csp.transfer": quiet(self.transfer),
+            "csp.adopt": quiet(self.adopt),
         }
         conn.add_close_callback(self.lost)
+
+    def _quiet(self, handler: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(handler)
+        def run(*args: Any, **kwargs: Any) -> None:
+            try:
+                handler(*args, **kwargs)
+            except (ValueError, TypeError, LookupError) as exc:
+                self._refused += 1
+                level = logging.WARNING if self._refused == 1 else logging.DEBUG
+                log.log(level, "refused a malformed %s from %s: %s", handler.__name__, self.conn, exc)
+
+        return run
 
     def _home(self, name: Any) -> Home:
         home = self.server.homes.get(name) if type(name) is str else None
@@ -250,10 +271,27 @@ class _Session:
     def poison(self, name: Any) -> None:
         self._home(name).poison()
 
+    def stop(self) -> None:
+        """The server closes: what waits for this client fails now (the client sees the close)."""
+        closing = ConnectionClosedOK("the channel server is closing")
+        for choice in list(self.ops.values()):
+            if choice.open:
+                choice.fail(closing)
+        for fut in list(self.watches):
+            if not fut.done():
+                fut.set_result(None)
+
     def lost(self, conn: Connection) -> None:
         self.server.sender_lost(self)
-        for held in self.reads.values():  # values in the client's hands: kept
-            held.claimed()
+        # Values handed to this client that it never acknowledged: if it died (not a clean close),
+        # they go back to their channels, first in line, so that a live reader gets them.
+        died = isinstance(conn.close_exception, ConnectionClosedError)
+        for held, data in reversed(self.reads.values()):
+            if died and not held.poisoned:
+                held.unclaimed -= 1
+                held.give_back_value(Packed(data))
+            else:
+                held.claimed()
         self.reads.clear()
         for choice in self.ops.values():
             if choice.open:
@@ -378,9 +416,9 @@ class _Session:
         if op_id in self.reads:
             home.claimed()
             raise ValueError("an operation id is an int not in use")
-        self.reads[op_id] = home
+        self.reads[op_id] = (home, data)
         if len(self.reads) > MAX_UNACKED:
-            self.reads.popitem(last=False)[1].claimed()
+            self.reads.popitem(last=False)[1][0].claimed()
         return [tag, data]
 
     def _grant(self, home: Home) -> int:
@@ -410,7 +448,11 @@ class _Session:
             if type(item) is not list or len(item) != 2:
                 raise ValueError("a watched guard is [name, kind]")
             pairs.append((self._home(item[0]), _kind(item[1])))
-        return watch(pairs)
+        fut = watch(pairs)
+        if fut is not None:
+            self.watches.add(fut)
+            fut.add_done_callback(self.watches.discard)
+        return fut
 
     def withdraw(self, op_id: Any) -> None:
         if type(op_id) is not int:
@@ -488,18 +530,18 @@ class _Session:
 
     def giveback(self, op_id: Any, payload: Any) -> None:
         """The caller of read ``op_id`` was cancelled as its value arrived: the value goes back."""
-        value = _payload(payload)
-        home = self.reads.pop(op_id, None) if type(op_id) is int else None
-        if home is None:
+        read = self.reads.pop(op_id, None) if type(op_id) is int else None
+        if read is None:
             raise ValueError("no read of this connection to give back under that id")
+        home, data = read  # the value as it was read (whatever ``payload`` says)
         home.unclaimed -= 1
-        home.give_back_value(value)
+        home.give_back_value(Packed(data))
 
     def took(self, op_id: Any) -> None:
         """The client kept the value of read ``op_id``."""
-        home = self.reads.pop(op_id, None) if type(op_id) is int else None
-        if home is not None:
-            home.claimed()
+        read = self.reads.pop(op_id, None) if type(op_id) is int else None
+        if read is not None:
+            read[0].claimed()
 
 
 #: The channel servers running on each loop (a channel made there is reachable through them).
@@ -555,6 +597,7 @@ class ChannelServer:
         self._server: Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tokens: dict[str, _Transit] = {}
+        self._sessions: weakref.WeakSet[_Session] = weakref.WeakSet()
         #: Seconds an end in transit keeps its place after its sender disconnected.
         self.transit_timeout = 60.0
 
@@ -577,7 +620,7 @@ class ChannelServer:
         key = resolve_secret(secret, secret_file=secret_file)
         self.codec = payload_codec(key is not None or ssl is not None)
         self._server = await serve(
-            lambda conn: _Session(self, conn).handlers,
+            self._session,
             host,
             port,
             secret=key,
@@ -593,6 +636,11 @@ class ChannelServer:
         _servers.setdefault(self._loop, []).append(self)
         return self
 
+    def _session(self, conn: Connection) -> dict[str, Callable[..., Any]]:
+        session = _Session(self, conn)
+        self._sessions.add(session)
+        return session.handlers
+
     def home(self, name: str, buffer: int = 0) -> Home:
         """The home of the channel ``name`` served here (made, with ``buffer``, if new)."""
         home = self.homes.get(name)
@@ -603,7 +651,8 @@ class ChannelServer:
                 home = Home(name, buffer, loop)
                 local_homes(loop)[name] = home
             self.homes[name] = home
-            home.codec = self.codec
+            if home.codec is None:
+                home.serve(self.codec)
         return home
 
     def forget_if_over(self, home: Home) -> None:
@@ -626,7 +675,7 @@ class ChannelServer:
             name = f"{home.name}#{id(home):x}"
         self.homes[name] = home
         if home.codec is None:
-            home.codec = self.codec
+            home.serve(self.codec)
         return name
 
     def handover(
@@ -690,8 +739,14 @@ class ChannelServer:
             self._forget()
 
     def close(self) -> None:
-        """Stop serving: close the listener and every client connection."""
+        """Stop serving: close the listener and every client connection.
+
+        Operations waiting on behalf of clients fail at once with
+        ``ConnectionClosedOK`` (so closing does not wait for them).
+        """
         self._forget()
+        for session in list(self._sessions):
+            session.stop()
         if self._server is not None:
             self._server.close()
 
@@ -804,6 +859,9 @@ class RemoteLink:
         self._guard: AsyncGenerator[None, None] | None = None
         #: Values written with credits, per channel, sent together at the end of this loop iteration.
         self._puts: dict[str, list[bytes]] = {}
+        #: Operations waiting at the server, by id (withdrawn when the link closes).
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._closing = False
 
     @property
     def broken(self) -> bool:
@@ -897,14 +955,18 @@ class RemoteLink:
             payload = None
         self._flush_puts()
         op_id = next(self._ids)
-        call = asyncio.ensure_future(conn.call("csp.op", op_id, name, kind, payload))
+        call = self._waiting[op_id] = asyncio.ensure_future(conn.call("csp.op", op_id, name, kind, payload))
         try:
             await asyncio.wait((call,))
         except asyncio.CancelledError:
             await self._withdraw(conn, op_id, call)
             self._settle(op_id, name, kind, call)
             raise
-        _, result = call.result()
+        finally:
+            self._waiting.pop(op_id, None)
+        status, result = call.result()
+        if status == WITHDRAWN:
+            raise ConnectionClosedOK("the link to the channel server was closed (csp.shutdown)")
         if kind == "write":
             if result:
                 self.credits[name] += result
@@ -938,7 +1000,7 @@ class RemoteLink:
             else:
                 offers.append([name, kind, None])
         op_id = next(self._ids)
-        call = asyncio.ensure_future(conn.call("csp.alt", op_id, offers, skip))
+        call = self._waiting[op_id] = asyncio.ensure_future(conn.call("csp.alt", op_id, offers, skip))
         try:
             waiting: set[asyncio.Future[Any]] = {call} if stop is None else {call, stop}
             await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -951,7 +1013,11 @@ class RemoteLink:
                 if index >= 0 and guards[index][1] == "read":
                     self._give(conn, op_id, payload)
             raise
+        finally:
+            self._waiting.pop(op_id, None)
         index, payload = call.result()
+        if index == WITHDRAWN and self._closing:
+            raise ConnectionClosedOK("the link to the channel server was closed (csp.shutdown)")
         if index >= 0 and guards[index][1] == "read":
             if not conn.closed:
                 conn.notify_nowait("csp.took", op_id)
@@ -995,7 +1061,14 @@ class RemoteLink:
             conn.notify_nowait("csp.giveback", op_id, payload)
 
     async def aclose(self) -> None:
+        """Close: operations still waiting at the server fail with ConnectionClosedOK."""
+        self._closing = True
         self._flush_puts()
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            for op_id, call in list(self._waiting.items()):
+                if not call.done():
+                    conn.notify_nowait("csp.withdraw", op_id)
         if self._opening is not None and not self._opening.done():
             self._opening.cancel()
             await asyncio.wait((self._opening,))
