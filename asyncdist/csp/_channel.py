@@ -7,7 +7,7 @@ import concurrent.futures
 import itertools
 import threading
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 from ..errors import ChannelRetired
@@ -83,9 +83,16 @@ class ChannelEnd:
         self._active = True
         if not joined:
             if self._link is not None:
-                self._link.send("csp.join", channel.name, self.kind, channel._buffer)
+                self._on_own_loop(self._link.send, "csp.join", channel.name, self.kind, channel._buffer)
             else:
-                self._home.join(self.kind)
+                self._on_own_loop(self._home.join, self.kind)
+
+    def _on_own_loop(self, func: Callable[..., None], *args: Any) -> None:
+        """Run ``func`` now on the channel's loop, or hand it to that loop from another thread."""
+        if self._on_loop():
+            func(*args)
+        else:
+            self._loop.call_soon_threadsafe(func, *args)
 
     def _check(self) -> None:
         if not self._active:
@@ -153,9 +160,9 @@ class ChannelEnd:
         if self._active:
             self._active = False
             if self._link is not None:
-                self._link.send("csp.leave", self.channel.name, self.kind)
+                self._on_own_loop(self._link.send, "csp.leave", self.channel.name, self.kind)
             else:
-                self._home.disconnect(self.kind)
+                self._on_own_loop(self._home.disconnect, self.kind)
             self.channel._ends_left(self)
 
     def __repr__(self) -> str:
