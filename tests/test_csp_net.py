@@ -1794,7 +1794,7 @@ async def test_malformed_csp_calls_get_errors_and_the_server_serves_everyone_els
             assert server.homes["J"].ready("read") is False
             assert not raw.closed  # the errors did not cost the connection...
             await raw.call("csp.join", "ok", "write", 1)  # ...which still works
-            assert await raw.call("csp.op", 7, "ok", "write", encode("from raw")) == [0, 0]
+            assert await raw.call("csp.op", 7, "ok", "write", encode("from raw")) == [0, None]
         async with asyncio.timeout(BOUND):
             assert await csp.Channel("ok", 1, connect=server.address).reader()() == "from raw"
         # The honest writer, and a new client, are served as before.
@@ -1861,7 +1861,8 @@ async def test_a_refused_put_does_not_cost_the_channel_a_buffer_slot() -> None:
     async with served() as server:
         async with asyncdist.connect("127.0.0.1", server.port) as raw:
             await raw.call("csp.join", "B", "write", 2)
-            assert await raw.call("csp.op", 1, "B", "write", encode("first")) == [0, 1]  # one credit
+            # one promised slot, epoch 0:
+            assert await raw.call("csp.op", 1, "B", "write", encode("first")) == [0, [1, 0]]
             assert await raw.call("csp.put", "B", 12345) is None  # refused
             assert await raw.call("csp.puts", "B", [12345]) is None
         ch = csp.Channel("B", 2, connect=server.address)
@@ -2093,3 +2094,28 @@ async def test_a_read_never_acknowledged_goes_back_when_its_reader_dies(ending: 
             assert [await cin() for _ in expected] == expected
             skip = csp.SkipGuard()
             assert await csp.PriSelect(csp.InputGuard(cin), skip) == (skip, None)
+
+
+async def test_values_sent_with_slots_taken_back_meanwhile_are_not_lost() -> None:
+    """A write without credits while the server holds some for the client (a top-up crossed it)
+    takes them back (csp.ended with a new epoch), so they cannot keep that write waiting; values the
+    client had already sent with them are still taken, none is lost."""
+    encode = Codec().encode
+    async with served() as server:
+        ended: list[Any] = []
+        async with asyncdist.connect(
+            "127.0.0.1", server.port, handlers={"csp.ended": lambda *a: ended.append(a)}
+        ) as raw:
+            await raw.call("csp.join", "G", "write", 8)
+            assert await raw.call("csp.op", 1, "G", "write", encode(0)) == [0, [7, 0]]
+            # As if the client had not heard of those 7 slots: a blocking write takes them back...
+            assert await raw.call("csp.op", 2, "G", "write", encode(1)) == [0, [6, 1]]
+            assert ended == [("G", 1)]
+            # ...and the 7 values it had already sent with them still arrive, in order (one more
+            # than the 6 slots promised now: the buffer holds 9 for a while rather than lose one).
+            await raw.notify("csp.puts", "G", [encode(v) for v in range(2, 9)])
+            assert await raw.call("csp.took", 0) is None  # a round trip: the puts were handled
+            assert len(server.homes["G"].values) == 9
+        cin = csp.Channel("G", 8, connect=server.address).reader()
+        async with asyncio.timeout(BOUND):
+            assert [await cin() for _ in range(9)] == list(range(9))

@@ -254,3 +254,26 @@ async def test_spanning_alternation_sees_poison_of_either_home(servers: list[Ser
         with pytest.raises(ChannelPoisoned):
             await csp.PriSelect(csp.InputGuard(ra), csp.InputGuard(rb))
     await csp.shutdown()
+
+
+async def test_a_new_writer_after_the_last_one_left_streams_again(servers: list[ServerThread]) -> None:
+    """Credits are per link and channel: when this link's last writer end of a channel retires or
+    disconnects, its promised slots lapse on both sides, and a later writer end starts afresh."""
+    ch = csp.Channel("again", 8, connect=servers[0].address)
+    got: list[Any] = []
+    async with asyncio.timeout(BOUND):
+        first = ch.writer()
+        for i in range(5):
+            await first(i)  # the first write waits for its answer and brings credits; the rest stream
+        first.disconnect()  # the last writer end of this link leaves (without retiring the channel)
+        second = ch.writer()
+        for i in range(5, 8):
+            await second(i)  # 8 values: the buffer is full, and no slot was lost to stale credits
+        reader = csp.Channel("again", 8, connect=servers[0].address).reader()
+        got += [await reader() for _ in range(8)]
+        for i in range(8, 16):
+            await second(i)
+        await csp.retire(second)  # the link's last writer: the write side retires
+        got += [value async for value in reader]
+    assert got == list(range(16))
+    await csp.shutdown()

@@ -341,9 +341,14 @@ class Home:
             return True
         return False
 
-    def put(self, value: Any) -> None:
-        """A remote writer's value for a slot it was promised (a credit): it never waits."""
-        self.reserved = max(0, self.reserved - 1)
+    def put(self, value: Any, *, promised: bool = True) -> None:
+        """A remote writer's value for a slot it was promised (a credit): it never waits.
+
+        ``promised=False``: a value sent with a slot that was taken back meanwhile; it is kept,
+        beyond the buffer's size if need be.
+        """
+        if promised:
+            self.reserved = max(0, self.reserved - 1)
         if self.poisoned or self.retired["read"]:
             return  # the channel ended while the value travelled: as if written just before
         if not self.values:

@@ -182,6 +182,11 @@ class _Session:
         self.joined: collections.Counter[tuple[str, Kind]] = collections.Counter()
         self.ops: dict[int, Choice] = {}
         self.credit: collections.Counter[str] = collections.Counter()
+        #: Per channel, how many times promised slots were revoked: a grant made before the client
+        #: heard of a revocation is recognized as stale by its epoch.
+        self.epoch: collections.Counter[str] = collections.Counter()
+        #: Per channel, reclaimed slots the client may still have used (see ``_reclaim``).
+        self.grace: collections.Counter[str] = collections.Counter()
         #: Recent reads answered to this client, by op id: what it may give back.
         self.reads: collections.OrderedDict[int, tuple[Home, bytes]] = collections.OrderedDict()
         #: Watches (csp.watch) waiting for this client.
@@ -255,6 +260,8 @@ class _Session:
         home = self._home(name)
         if self.joined[(name, kind)] > 0:
             self.joined[(name, kind)] -= 1
+            if kind == "write" and not self.joined[(name, kind)]:
+                self._drop_credit(home)
             home.disconnect(kind)
 
     def transfer(self, name: Any, kind: Any, token: Any) -> None:
@@ -318,12 +325,14 @@ class _Session:
         home = self._home(name)
         kind = _kind(kind)
         value = _payload(payload) if kind == "write" else None
+        if kind == "write" and self.credit.get(home.name):
+            self._reclaim(home)
         result = home.now(kind, value)
         if result is not NOT_NOW:  # done at once: no choice to make
             if kind == "read":
                 home.unclaimed += 1
                 return self._read_answer(op_id, home, result, 0, None)
-            return [0, self._grant(home) if home.capacity else None]
+            return [0, self._granted(home) if home.capacity else None]
         choice = Choice(home.loop)
         offer = Offer(choice, home, kind, value, tag=0)
         choice.offers.append(offer)
@@ -340,6 +349,9 @@ class _Session:
                 raise ValueError("a guard is [name, kind, payload]")
             kind = _kind(item[1])
             guards.append((self._home(item[0]), kind, _payload(item[2]) if kind == "write" else None))
+        for home, kind, _ in guards:
+            if kind == "write" and self.credit.get(home.name):
+                self._reclaim(home)
         choice = Choice(guards[0][0].loop)
         for index, (home, kind, value) in enumerate(guards):
             offer = Offer(choice, home, kind, value, tag=index)
@@ -394,7 +406,7 @@ class _Session:
         if offer.kind == "read":
             return self._read_answer(op_id, offer.home, value, offer.tag, choice)
         if grant and offer.home.capacity:
-            return [offer.tag, self._grant(offer.home)]
+            return [offer.tag, self._granted(offer.home)]
         return [offer.tag, None]
 
     def _read_answer(self, op_id: Any, home: Home, value: Any, tag: Any, choice: Choice | None) -> list[Any]:
@@ -433,10 +445,17 @@ class _Session:
         self.credit[home.name] = held + n
         return n
 
+    def _granted(self, home: Home) -> list[int] | None:
+        """Credits for the answer to a write: ``[n, epoch]``, or None."""
+        n = self._grant(home)
+        return [n, self.epoch[home.name]] if n else None
+
     def _void(self, home: Home) -> None:
         """The channel ended: promised slots are void; tell the client to stop using them."""
-        if self.credit.pop(home.name, 0) and not self.conn.closed:
-            self.conn.notify_nowait("csp.ended", home.name)
+        if self.credit.pop(home.name, 0):
+            self.epoch[home.name] += 1
+            if not self.conn.closed:
+                self.conn.notify_nowait("csp.ended", home.name, self.epoch[home.name])
 
     def watch(self, guards: Any) -> Any:
         """Answer once one of ``[[name, kind], ...]`` could complete now (for alternations that span
@@ -471,20 +490,24 @@ class _Session:
         if type(payloads) is not list or not 0 < len(payloads) <= MAX_CREDIT:
             raise ValueError(f"csp.puts takes a list of 1 to {MAX_CREDIT} values")
         values = [_payload(p) for p in payloads]
+        if home.poisoned or home.retired["read"]:
+            self.credit.pop(name, None)
+            return  # credits voided while these values travelled
         held = self.credit[name]
-        if held < len(values):
-            if home.poisoned or home.retired["read"]:
-                return  # credits voided while these values travelled
+        over = max(0, len(values) - held)
+        if over > self.grace[name]:
             raise ValueError(f"writes to {name!r} without promised slots")
-        held -= len(values)
+        if over:  # slots taken back (reclaimed) while the client was already using them
+            self.grace[name] -= over
+        held = max(0, held - len(values))
         if held:
             self.credit[name] = held
         else:
-            del self.credit[name]
+            self.credit.pop(name, None)
             if self._void in home.listeners:
                 home.listeners.remove(self._void)
-        for value in values:
-            home.put(value)
+        for i, value in enumerate(values):
+            home.put(value, promised=i < len(values) - over)
         self._top_up(home)
 
     def _top_up(self, home: Home) -> None:
@@ -497,7 +520,7 @@ class _Session:
         if home.free() >= max(1, window // 4):
             n = self._grant(home)
             if n:
-                self.conn.notify_nowait("csp.credit", home.name, n)
+                self.conn.notify_nowait("csp.credit", home.name, n, self.epoch[home.name])
         elif home.name not in self.awaiting_room:
             self.awaiting_room.add(home.name)
             home.room_waiters.append(functools.partial(self._room, home))
@@ -506,8 +529,20 @@ class _Session:
         self.awaiting_room.discard(home.name)
         self._top_up(home)
 
+    def _reclaim(self, home: Home) -> None:
+        """The client writes without credits while it holds some it has not heard of yet (a top-up
+        crossed its write): take them back, so that they cannot keep its own write waiting. Values
+        it may already have sent with them are still taken (``grace``), beyond the buffer's size
+        if need be: none is lost."""
+        self.grace[home.name] += self.credit.get(home.name, 0)
+        self._drop_credit(home)
+        if not self.conn.closed:
+            self.conn.notify_nowait("csp.ended", home.name, self.epoch[home.name])
+
     def _drop_credit(self, home: Home) -> None:
-        """No write end of this connection is left on ``home``: its promised slots go back."""
+        """No write end of this connection is left on ``home`` (or the slots are reclaimed): the
+        promised slots go back, and a new epoch of credits starts (the client counts the same)."""
+        self.epoch[home.name] += 1
         held = self.credit.pop(home.name, 0)
         if held:
             if self._void in home.listeners:
@@ -861,6 +896,8 @@ class RemoteLink:
         self._puts: dict[str, list[bytes]] = {}
         #: Operations waiting at the server, by id (withdrawn when the link closes).
         self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._writers: collections.Counter[str] = collections.Counter()
+        self._epochs: collections.Counter[str] = collections.Counter()
         self._closing = False
 
     @property
@@ -888,8 +925,23 @@ class RemoteLink:
             if len(batch) >= MAX_CREDIT:
                 self._flush_puts()
 
+    def _count(self, method: str, args: tuple[Any, ...]) -> None:
+        """Count this link's writer ends per channel; with the last one gone, its credits lapse
+        (the server drops them at the same point of the message order)."""
+        if len(args) >= 2 and args[1] == "write":
+            name = args[0]
+            if method in ("csp.join", "csp.adopt"):
+                self._writers[name] += 1
+            elif method in ("csp.leave", "csp.retire") and self._writers[name] > 0:
+                self._writers[name] -= 1
+                if not self._writers[name]:
+                    del self._writers[name]
+                    self.credits.pop(name, None)
+                    self._epochs[name] += 1  # the server starts a new epoch at this message
+
     def send(self, method: str, *args: Any) -> None:
         """Send a one-way message now if connected, else as soon as the connection opens."""
+        self._count(method, args)
         conn = self._conn
         if conn is not None:
             if not conn.closed:
@@ -917,12 +969,16 @@ class RemoteLink:
         self._conn = conn
         return conn
 
-    def _ended(self, name: Any) -> None:
-        if type(name) is str:
+    def _ended(self, name: Any, epoch: Any = 0) -> None:
+        if type(name) is str and type(epoch) is int:
             self.credits.pop(name, None)
+            self._epochs[name] = max(self._epochs[name], epoch)
 
-    def _credit(self, name: Any, n: Any) -> None:
-        if type(name) is str and type(n) is int and 0 < n <= MAX_CREDIT:
+    def _credit(self, name: Any, n: Any, epoch: Any = 0) -> None:
+        """Promised slots, unless a revocation the server made since has reached this side."""
+        valid = type(name) is str and type(n) is int and 0 < n <= MAX_CREDIT and type(epoch) is int
+        if valid and epoch >= self._epochs[name]:
+            self._epochs[name] = epoch
             self.credits[name] += n
 
     async def connection(self) -> Connection:
@@ -936,6 +992,7 @@ class RemoteLink:
     async def call(self, method: str, *args: Any) -> Any:
         conn = await self.connection()
         self._flush_puts()
+        self._count(method, args)
         return await conn.call(method, *args)
 
     async def op(self, name: str, kind: Kind, value: Any) -> Any:
@@ -969,7 +1026,7 @@ class RemoteLink:
             raise ConnectionClosedOK("the link to the channel server was closed (csp.shutdown)")
         if kind == "write":
             if result:
-                self.credits[name] += result
+                self._credit(name, *result)
             return None
         if not conn.closed:
             conn.notify_nowait("csp.took", op_id)
@@ -1051,7 +1108,7 @@ class RemoteLink:
             return
         if kind == "write":
             if result:
-                self.credits[name] += result
+                self._credit(name, *result)
         elif self._conn is not None:
             self._give(self._conn, op_id, result)
 
