@@ -195,6 +195,82 @@ def _cmd_csp_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_master(args: argparse.Namespace) -> int:
+    from .loop import run
+    from .mapreduce import Master
+
+    async def main() -> None:
+        master = await Master.start(
+            args.host,
+            args.port,
+            secret_file=args.secret_file,
+            ssl=_ssl_context(args, server=True),
+            insecure=args.insecure,
+            **parse_options(args.option),
+        )
+        host, port = master.address
+        await _serve_until_signal(master, f"asyncdist MapReduce master listening on {host}:{port}")
+
+    run(main())
+    return 0
+
+
+def _cmd_slave(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+    import threading
+
+    from .connection import parse_address
+    from .loop import run
+    from .mapreduce import Slave
+
+    secret = _read_secret_line() if args.secret_stdin else None
+
+    async def main() -> None:
+        slave = await Slave(
+            parse_address(args.master, 7878),
+            args.data_dir,
+            workers=args.workers,
+            host=args.host,
+            secret=secret if secret is not None else _file_secret(args),
+            ssl_server=_ssl_context(args, server=True) if args.tls_cert else None,
+            ssl_client=_ssl_context(args, server=False),
+            **parse_options(args.option),
+        ).start()
+        host, port = slave.address
+        if not args.quiet:
+            print(f"asyncdist slave {slave.id} serving {args.data_dir} at {host}:{port}", flush=True)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if args.watch_stdin:  # the launcher's stdin closing (it exited or died) stops this slave
+
+            def watch() -> None:
+                while os.read(0, 4096):
+                    pass
+                loop.call_soon_threadsafe(stop.set)
+
+            threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
+        closed = asyncio.ensure_future(slave.wait_closed())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            stopping.cancel()
+            await slave.aclose()
+
+    run(main())
+    return 0
+
+
+def _file_secret(args: argparse.Namespace) -> bytes | None:
+    from .security import resolve_secret
+
+    return resolve_secret(None, secret_file=args.secret_file)
+
+
 def _cmd_csp_trace(args: argparse.Namespace) -> int:
     from .csp._trace import render
 
@@ -337,6 +413,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option_argument(p)
     _add_security(p, server=True)
     p.set_defaults(func=_cmd_csp_server)
+
+    p = sub.add_parser("master", help="run a MapReduce master (slaves and jobs connect to it)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7878, help="port to listen on (default 7878; 0: any)")
+    _add_option_argument(p)
+    _add_security(p, server=True)
+    p.set_defaults(func=_cmd_master)
+
+    p = sub.add_parser("slave", help="run a MapReduce slave connected to a master")
+    p.add_argument("--master", required=True, help="the master's host:port")
+    p.add_argument("--data-dir", required=True, help="where map outputs and results are kept")
+    p.add_argument("--workers", type=int, default=1, help="tasks run at once, each in a process (default 1)")
+    p.add_argument("--host", default="127.0.0.1", help="address this slave serves its data on")
+    p.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes")
+    p.add_argument("--quiet", action="store_true", help="print no banner")
+    _add_option_argument(p)
+    _add_security(p, server=False)
+    p.set_defaults(func=_cmd_slave)
 
     p = sub.add_parser("csp-trace", help="print a CSP trace (csp.TraceInit) as a readable timeline")
     p.add_argument("path", help="the trace file (JSON lines)")

@@ -51,6 +51,7 @@ __all__ = [
     "ChannelPoisoned",
     "ChannelRetired",
     "BrokerLost",
+    "MasterLost",
     "CommunicationError",
     "ConfigurationError",
     "ConnectError",
@@ -122,6 +123,10 @@ class ConfigurationError(AsyncDistError, ValueError):
 
 class BrokerLost(ConnectionClosedError):
     """The connection to the futures broker was lost; tasks pending on it fail with this."""
+
+
+class MasterLost(ConnectionClosedError):
+    """The connection to the MapReduce master was lost while waiting for a job."""
 
 
 class WorkerLost(AsyncDistError):

@@ -23,6 +23,7 @@ PUBLIC_MODULES = [
     "asyncdist.objects",
     "asyncdist.naming",
     "asyncdist.csp",
+    "asyncdist.mapreduce",
 ]
 
 
