@@ -24,7 +24,7 @@ from typing import IO, Any
 import msgpack
 
 __all__ = [
-    "Budget",
+    "Grouped",
     "RecordWriter",
     "chunk_files",
     "default_partition",
@@ -105,10 +105,33 @@ def default_partition(key: Any, partitions: int, params: Any = None) -> int:
     return zlib.crc32(data) % partitions
 
 
+class Grouped:
+    """Pairs already grouped by key, in key order: iterates as ``(key, value)`` pairs, and
+    :func:`kvgroup` takes its groups as they are (no work per pair)."""
+
+    __slots__ = ("groups",)
+
+    def __init__(self, groups: list[tuple[Any, list[Any]]]) -> None:
+        self.groups = groups
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        for key, values in self.groups:
+            for value in values:
+                yield key, value
+
+
 def kvgroup(pairs: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Iterator[Any]]]:
     """Group consecutive pairs with equal keys: ``for key, values in kvgroup(sorted_pairs)``."""
-    for key, group in itertools.groupby(pairs, key=lambda kv: kv[0]):
+    if type(pairs) is Grouped:
+        for key, values in pairs.groups:
+            yield key, iter(values)
+        return
+    for key, group in itertools.groupby(pairs, key=_first):
         yield key, (v for _, v in group)
+
+
+def _first(pair: tuple[Any, Any]) -> Any:
+    return pair[0]
 
 
 def merge_files(paths: list[str], sort: bool = True) -> Iterator[tuple[Any, Any]]:
@@ -119,37 +142,8 @@ def merge_files(paths: list[str], sort: bool = True) -> Iterator[tuple[Any, Any]
     return itertools.chain.from_iterable(streams)
 
 
-class Budget:
-    """How much memory buffered map output may take before it is spilled (an estimate)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = max(1 << 16, limit)
-        self.used = 0
-        self._per_pair = 0
-        self._sampled = 0
-
-    def add(self, key: Any, value: Any) -> bool:
-        """Count one pair; True when the buffer should be spilled now."""
-        if self._sampled < 256:  # measure the first pairs; estimate the rest by their mean
-            size = sys.getsizeof(key) + sys.getsizeof(value) + 72
-            self._sampled += 1
-            self._per_pair = max(self._per_pair, size)
-            self.used += size
-        else:
-            self.used += self._per_pair
-        return self.used >= self.limit
-
-    def reset(self) -> None:
-        self.used = 0
-
-
-def _combined(
-    pairs: list[tuple[Any, Any]], combiner: Callable[..., Iterable[tuple[Any, Any]]] | None, params: Any
-) -> Iterable[tuple[Any, Any]]:
-    pairs.sort(key=lambda kv: kv[0])
-    if combiner is None:
-        return pairs
-    return combiner(iter(pairs), params)
+def _sort_key(item: tuple[Any, Any]) -> Any:
+    return item[0]
 
 
 def spill_and_merge(
@@ -164,58 +158,93 @@ def spill_and_merge(
     params: Any,
 ) -> list[int]:
     """Partition ``pairs`` into ``out_dir/part-P`` files (sorted by key when ``sort``), spilling
-    sorted, combined runs whenever the buffered pairs reach ``budget`` bytes; return the sizes."""
-    buffers: list[list[tuple[Any, Any]]] = [[] for _ in range(partitions)]
+    sorted, combined runs whenever the buffered pairs reach about ``budget`` bytes; return the
+    sizes. Buffered values are grouped by key, so a spill sorts keys, not pairs, and a key's
+    partition is computed once per spill."""
     runs: list[list[str]] = [[] for _ in range(partitions)]
-    meter = Budget(budget)
+    limit = max(1 << 16, budget)
     spills = itertools.count()
+    cache: dict[Any, int] = {}
 
-    def spill() -> None:
-        n = next(spills)
-        for p, buf in enumerate(buffers):
-            if not buf:
-                continue
-            writer = RecordWriter(os.path.join(out_dir, f"run-{p}-{n}"))
-            try:
-                writer.write_all(_combined(buf, combiner, params) if sort else buf)
-            except BaseException:
-                writer.abort()
-                raise
-            writer.close()
-            runs[p].append(writer.path)
-            buffers[p] = []
-        meter.reset()
+    def part_of(key: Any) -> int:
+        p = cache.get(key)
+        if p is None:
+            p = partition(key, partitions, params) if partitions > 1 else 0
+            if type(p) is not int or not 0 <= p < partitions:
+                raise ValueError(f"partition() returned {p!r} for {partitions} partitions")
+            if len(cache) < 1_000_000:
+                cache[key] = p
+        return p
 
-    one = partitions == 1
+    def outputs(
+        groups: dict[Any, list[Any]], plain: list[tuple[Any, Any]]
+    ) -> list[Iterable[tuple[Any, Any]]]:
+        if not sort:
+            per: list[list[tuple[Any, Any]]] = [[] for _ in range(partitions)]
+            for pair in plain:
+                per[part_of(pair[0])].append(pair)
+            return list(per)
+        split: list[list[tuple[Any, list[Any]]]] = [[] for _ in range(partitions)]
+        for item in groups.items():
+            split[part_of(item[0])].append(item)
+        result: list[Iterable[tuple[Any, Any]]] = []
+        for items in split:
+            items.sort(key=_sort_key)
+            grouped = Grouped(items)
+            result.append(combiner(grouped, params) if combiner is not None else grouped)
+        return result
+
+    def spill(tag: Any) -> None:
+        for p, out in enumerate(outputs(groups, plain)):
+            runs[p].append(_write(os.path.join(out_dir, f"run-{p}-{tag}"), out))
+
+    groups: dict[Any, list[Any]] = {}
+    plain: list[tuple[Any, Any]] = []
+    used = value_cost = key_cost = sampled = 0
     for key, value in pairs:
-        p = 0 if one else partition(key, partitions, params)
-        if not 0 <= p < partitions:
-            raise ValueError(f"partition() returned {p!r} for {partitions} partitions")
-        buffers[p].append((key, value))
-        if meter.add(key, value):
-            spill()
-    sizes = []
-    for p in range(partitions):
-        final = RecordWriter(os.path.join(out_dir, f"part-{p}"))
-        try:
-            if not runs[p]:  # everything fit in memory: one sorted, combined write
-                final.write_all(_combined(buffers[p], combiner, params) if sort else buffers[p])
+        if sampled < 64:  # measure the first values and keys; estimate the rest by the largest
+            sampled += 1
+            value_cost = max(value_cost, sys.getsizeof(value) + 8)
+            key_cost = max(key_cost, sys.getsizeof(key) + 120)
+        if sort:
+            values = groups.get(key)
+            if values is None:
+                groups[key] = [value]
+                used += key_cost + value_cost
             else:
-                if buffers[p]:
-                    spill_one = RecordWriter(os.path.join(out_dir, f"run-{p}-last"))
-                    spill_one.write_all(_combined(buffers[p], combiner, params) if sort else buffers[p])
-                    spill_one.close()
-                    runs[p].append(spill_one.path)
-                merged = merge_files(runs[p], sort)
-                final.write_all(combiner(merged, params) if (combiner is not None and sort) else merged)
-        except BaseException:
-            final.abort()
-            raise
-        buffers[p] = []
-        sizes.append(final.close())
-        for run in runs[p]:
-            os.unlink(run)
+                values.append(value)
+                used += value_cost
+        else:
+            plain.append((key, value))
+            used += key_cost + value_cost
+        if used >= limit:
+            spill(next(spills))
+            groups, plain, used = {}, [], 0
+    sizes = []
+    last = outputs(groups, plain)
+    for p in range(partitions):
+        path = os.path.join(out_dir, f"part-{p}")
+        if not runs[p]:  # everything fit in memory: one sorted, combined write
+            _write(path, last[p])
+        else:
+            runs[p].append(_write(os.path.join(out_dir, f"run-{p}-last"), last[p]))
+            merged = merge_files(runs[p], sort)
+            _write(path, combiner(merged, params) if (combiner is not None and sort) else merged)
+            for run in runs[p]:
+                os.unlink(run)
+        sizes.append(os.path.getsize(path))
     return sizes
+
+
+def _write(path: str, pairs: Iterable[tuple[Any, Any]]) -> str:
+    writer = RecordWriter(path)
+    try:
+        writer.write_all(pairs)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return path
 
 
 def chunk_files(pattern: str, chunk_size: int) -> list[tuple[str, int, int]]:
