@@ -85,6 +85,7 @@ class Slave:
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._server: Server | None = None
         self.conn: Connection | None = None
+        self._jobs: set[str] = set()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -120,6 +121,8 @@ class Slave:
         await self.conn.wait_closed()
 
     async def aclose(self) -> None:
+        """Stop: leave the master, stop serving, stop the workers, and remove the jobs' files
+        (without its master they are of no use)."""
         if self.conn is not None:
             self.conn.abort()
             await self.conn.wait_closed()
@@ -128,12 +131,16 @@ class Slave:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        for job in self._jobs:
+            shutil.rmtree(os.path.join(self.data_dir, job), ignore_errors=True)
+        self._jobs.clear()
 
     # -- handlers the master calls ---------------------------------------------------------------
 
     def _job_dir(self, job: Any) -> str:
         if type(job) is not str or not job.isalnum():
             raise ValueError("a job id is alphanumeric")
+        self._jobs.add(job)
         return os.path.join(self.data_dir, job)
 
     async def _run(self, func: Any, task: dict[str, Any], cleanup: str) -> Any:
@@ -188,6 +195,7 @@ class Slave:
 
     def _purge(self, job: Any) -> None:
         shutil.rmtree(self._job_dir(job), ignore_errors=True)
+        self._jobs.discard(job)
 
     async def _fetch(self, path: Any) -> AsyncIterator[bytes]:
         if type(path) is not str:
