@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+from .._progress import progress_bar
 from ..connection import Connection, connect, parse_address
 from ..errors import BrokerLost, ConnectError, ConnectionClosed, ConnectionClosedOK, RemoteError
 from ..security import generate_secret, resolve_secret
@@ -673,7 +674,7 @@ class Pool:
     ) -> _Job:
         self._check_open()
         calls = [[list(args)] for args in zip(*iterables, strict=False)] if iterables else []
-        bar = _progress_bar(len(calls), getattr(fn, "__name__", "tasks")) if progress else None
+        bar = progress_bar(len(calls), getattr(fn, "__name__", "tasks")) if progress else None
         job = _Job(self, self._next_tid, len(calls), bar, stream=stream)
         if calls:
             self._submit_tasks(fn, calls, job)
@@ -816,17 +817,6 @@ class _Merger:
         end, value = self.by_start[0]
         assert end == n
         return value
-
-
-def _progress_bar(total: int, name: str) -> Any:
-    from tqdm.auto import tqdm
-
-    class Bar(tqdm):  # type: ignore[misc]
-        # No monitor thread: the bar is updated on every result, and tqdm would leave the
-        # thread running for the life of the process.
-        monitor_interval = 0
-
-    return Bar(total=total, desc=name, unit="task", leave=False)
 
 
 def _cpu_count() -> int:

@@ -172,8 +172,7 @@ def spill_and_merge(
             p = partition(key, partitions, params) if partitions > 1 else 0
             if type(p) is not int or not 0 <= p < partitions:
                 raise ValueError(f"partition() returned {p!r} for {partitions} partitions")
-            if len(cache) < 1_000_000:
-                cache[key] = p
+            cache[key] = p  # the keys of the buffer only: cleared at each spill, counted in the budget
         return p
 
     def outputs(
@@ -205,7 +204,7 @@ def spill_and_merge(
         if sampled < 64:  # measure the first values and keys; estimate the rest by the largest
             sampled += 1
             value_cost = max(value_cost, sys.getsizeof(value) + 8)
-            key_cost = max(key_cost, sys.getsizeof(key) + 120)
+            key_cost = max(key_cost, sys.getsizeof(key) + 220)  # + its dict entries and list
         if sort:
             values = groups.get(key)
             if values is None:
@@ -220,6 +219,7 @@ def spill_and_merge(
         if used >= limit:
             spill(next(spills))
             groups, plain, used = {}, [], 0
+            cache.clear()
     sizes = []
     last = outputs(groups, plain)
     for p in range(partitions):

@@ -22,8 +22,8 @@ from typing import Any
 
 import cloudpickle
 import msgpack
-from tqdm import tqdm
 
+from .._progress import progress_bar
 from ..connection import Connection, connect, parse_address
 from ..errors import ConfigurationError, ConnectionClosed, MasterLost
 from ..security import resolve_secret
@@ -253,7 +253,7 @@ class Job:
         if self.id is None:
             raise RuntimeError("run() the job first")
         conn = await self._connection()
-        bars: dict[str, tqdm[Any]] = {}
+        bars: dict[str, Any] = {}
         try:
             async with asyncio.timeout(timeout):
                 async for event in conn.stream("mr.watch", self.id):
@@ -261,9 +261,7 @@ class Job:
                         for phase, (done, total) in event["progress"].items():
                             bar = bars.get(phase)
                             if bar is None:
-                                bar = bars[phase] = tqdm(
-                                    total=total, desc=f"{self.name} {phase}", unit="task"
-                                )
+                                bar = bars[phase] = progress_bar(total, f"{self.name} {phase}", leave=True)
                             bar.update(done - bar.n)
                     if "results" in event:
                         self._results = Results(event["results"], {**self._options})

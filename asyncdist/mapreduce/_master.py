@@ -51,6 +51,7 @@ class _Task:
     kind: str  # "map" | "reduce"
     spec: Any
     attempts: int = 0  # failures of its own code
+    fetch_failures: int = 0  # inputs that could not be fetched (their slave was gone)
     started: int = 0  # attempts started (numbering)
     running: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
     done: bool = False
@@ -146,7 +147,15 @@ class _Job:
             return  # the slave died: the task goes back to the queue (master.slave_lost requeues)
         except Exception as exc:
             if type(exc).__name__ == "FetchError" or "FetchError" in str(getattr(exc, "type_name", "")):
-                return  # an input's slave died: re-run when its map ran again
+                # An input's slave died: the master re-runs its map once it notices; wait a little
+                # (the task stays busy meanwhile), and give up after many tries.
+                task.fetch_failures += 1
+                if task.fetch_failures > 4 * self.max_attempts and not self.outcome.done():
+                    self.outcome.set_exception(exc)
+                    self.runner.cancel()
+                    return
+                await asyncio.sleep(min(0.1 * 2**task.fetch_failures, 2.0))
+                return
             task.attempts += 1
             log.warning(
                 "%s task %d of job %s failed (%d/%d): %r",
@@ -163,6 +172,9 @@ class _Job:
             return
         finally:
             slave.running -= 1
+            current = asyncio.current_task()
+            if current is not None:
+                task.running.discard(current)  # now, not in a done callback: the scheduler looks next
             self.changed.set()
             self.master.changed()
         if not task.done and slave.id in self.master.slaves:

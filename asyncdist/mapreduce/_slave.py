@@ -47,15 +47,20 @@ def _die_with_parent() -> None:
 
 async def fetch_to(address: tuple[str, int], path: str, dest: str, **options: Any) -> None:
     """Copy ``path`` from the slave serving at ``address`` into the local file ``dest``."""
+    where = f"{address[0]}:{address[1]}"
     try:
-        async with connect(address[0], address[1], **options) as conn:
-            tmp = f"{dest}.part"
+        conn = await connect(address[0], address[1], **options)
+    except (OSError, CommunicationError) as exc:  # that slave is gone
+        raise FetchError(f"cannot fetch {path} from {where}: {exc}") from exc
+    async with conn:
+        tmp = f"{dest}.part"
+        try:
             with open(tmp, "wb") as f:  # noqa: ASYNC230 - local disk, written chunk by chunk
-                async for chunk in conn.stream("mr.fetch", path):
+                async for chunk in conn.stream("mr.fetch", path):  # a missing file raises as itself
                     f.write(chunk)
-            os.replace(tmp, dest)
-    except (OSError, ConnectionClosed, CommunicationError) as exc:
-        raise FetchError(f"cannot fetch {path} from {address[0]}:{address[1]}: {exc}") from exc
+        except ConnectionClosed as exc:
+            raise FetchError(f"lost {where} while fetching {path}: {exc}") from exc
+        os.replace(tmp, dest)
 
 
 class Slave:
