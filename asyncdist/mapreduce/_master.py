@@ -146,8 +146,10 @@ class _Job:
         except ConnectionClosed:
             return  # the slave died: the task goes back to the queue (master.slave_lost requeues)
         except Exception as exc:
-            if type(exc).__name__ == "FetchError" or "FetchError" in str(getattr(exc, "type_name", "")):
-                # An input's slave died: the master re-runs its map once it notices; wait a little
+            kind = type(exc).__name__ + " " + str(getattr(exc, "type_name", ""))
+            if "FetchError" in kind or "BrokenProcessPool" in kind:
+                # An input's slave died (the master re-runs its map once it notices), or the
+                # slave's workers were killed under it (another task was cancelled): wait a little
                 # (the task stays busy meanwhile), and give up after many tries.
                 task.fetch_failures += 1
                 if task.fetch_failures > 4 * self.max_attempts and not self.outcome.done():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import secrets
@@ -102,11 +103,25 @@ class Slave:
     def _client_options(self) -> dict[str, Any]:
         return {"secret": self._secret, "ssl": self._ssl_client, **self._options}
 
-    async def start(self) -> Slave:
-        os.makedirs(self.data_dir, exist_ok=True)
-        self._pool = concurrent.futures.ProcessPoolExecutor(
+    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        return concurrent.futures.ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent
         )
+
+    def _kill_pool(self) -> None:
+        """Kill the worker processes now (a task that was cancelled must not run on) and start anew."""
+        pool = self._pool
+        if pool is None:
+            return
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            with contextlib.suppress(Exception):
+                proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._new_pool()
+
+    async def start(self) -> Slave:
+        os.makedirs(self.data_dir, exist_ok=True)
+        self._pool = self._new_pool()
         self._server = await serve(
             {"mr.fetch": self._fetch},
             self.host,
@@ -134,8 +149,10 @@ class Slave:
         if self._server is not None:
             await self._server.aclose()
         if self._pool is not None:
+            self._kill_pool()  # a task under way is of no use any more: do not wait for it
             pool, self._pool = self._pool, None
-            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+            if pool is not None:
+                await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
         for job in self._jobs:
             shutil.rmtree(os.path.join(self.data_dir, job), ignore_errors=True)
         self._jobs.clear()
@@ -154,12 +171,15 @@ class Slave:
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
+            # The job was killed (or the task is no longer wanted): its code must not run on.
+            if not fut.done():
+                self._kill_pool()
             fut.add_done_callback(lambda _: shutil.rmtree(cleanup, ignore_errors=True))
             raise
         except concurrent.futures.process.BrokenProcessPool:
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent
-            )
+            if self._pool is not None and getattr(self._pool, "_broken", False):
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._new_pool()
             raise
 
     async def _map(self, task: dict[str, Any]) -> dict[str, Any]:
