@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import multiprocessing
 import os
 import secrets
@@ -62,6 +63,13 @@ async def fetch_to(address: tuple[str, int], path: str, dest: str, **options: An
         except ConnectionClosed as exc:
             raise FetchError(f"lost {where} while fetching {path}: {exc}") from exc
         os.replace(tmp, dest)
+
+
+def _discard(cleanup: str, fut: asyncio.Future[Any]) -> None:
+    """An abandoned task ended (or its worker was killed): drop its outcome and its files."""
+    if not fut.cancelled():
+        fut.exception()
+    shutil.rmtree(cleanup, ignore_errors=True)
 
 
 class Slave:
@@ -174,7 +182,7 @@ class Slave:
             # The job was killed (or the task is no longer wanted): its code must not run on.
             if not fut.done():
                 self._kill_pool()
-            fut.add_done_callback(lambda _: shutil.rmtree(cleanup, ignore_errors=True))
+            fut.add_done_callback(functools.partial(_discard, cleanup))
             raise
         except concurrent.futures.process.BrokenProcessPool:
             if self._pool is not None and getattr(self._pool, "_broken", False):
