@@ -8,7 +8,8 @@
     │   └── ConnectionClosed          an established connection ended; its pending calls fail with it
     │       ├── ConnectionClosedOK    ... cleanly: close() here, or a CLOSE from the peer
     │       └── ConnectionClosedError ... abnormally: reset, EOF, heartbeat timeout, protocol error
-    │           └── BrokerLost        the futures broker went away; its pending tasks fail with it
+    │           ├── BrokerLost        the futures broker went away; its pending tasks fail with it
+    │           └── MasterLost        the MapReduce master went away while a job was awaited
     ├── ProtocolError                 the peer broke the wire protocol (malformed, oversized, out of order)
     ├── AuthenticationError           the handshake failed: wrong or missing secret, bad proof
     │   └── TLSError                  the TLS handshake or certificate verification failed
@@ -271,6 +272,7 @@ for _cls in (
     ConfigurationError,
     RemoteError,
     BrokerLost,
+    MasterLost,
     WorkerLost,
     NoWorkersError,
     NamingError,
