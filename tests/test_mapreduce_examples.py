@@ -309,6 +309,22 @@ def test_inverted_index_default_folder(tmp_path: Path) -> None:
     assert "indexed" in out
 
 
+def test_inverted_index_of_a_folder_without_files(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.md").write_text("not a text file\n", encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, str(MR_EXAMPLES / "inverted_index.py"), "docs"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=BOUND,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "error: no file matches" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_examples_on_an_external_cluster(tmp_path: Path) -> None:
     """README's second way: `asyncdist master` and two `asyncdist slave` processes, --master."""
     marker = uuid.uuid4().hex

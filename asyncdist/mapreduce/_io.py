@@ -1,8 +1,9 @@
 """Records on disk: sorted runs, partition files, merging, and reading inputs (sans-I/O of the network).
 
-A *record file* is a sequence of msgpack-encoded ``[key, value]`` pairs
-(values that msgpack cannot carry are pickled by the writing task, on an
-authenticated cluster only). Files are written under a temporary name and
+A *record file* is a sequence of msgpack-encoded ``[key, value]`` pairs:
+keys and values are msgpack types (None, bool, int, float, str, bytes, and
+lists, tuples and dicts of them); a task that emits anything else fails with
+``TypeError``. Files are written under a temporary name and
 renamed into place, so a reader never sees a partial file. Map output is
 buffered up to a memory budget, then sorted, combined and spilled as one run
 per partition; the runs are merged (external merge sort) into the task's

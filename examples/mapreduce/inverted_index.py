@@ -18,6 +18,7 @@ slaves read the files, so with an external cluster the folder must be visible to
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import string
@@ -71,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
     args.input = os.path.join(os.path.abspath(args.folder), args.pattern)  # the slaves read the files
+    if not glob.glob(args.input):
+        parser.error(f"no file matches {args.input}")
     return args
 
 
