@@ -95,12 +95,17 @@ class Server:
         return self._address
 
     @property
-    def port(self) -> int:
-        """The TCP port (useful after binding port 0)."""
+    def tcp_address(self) -> tuple[str, int]:
+        """``(host, port)`` of a TCP server (raises ValueError for a Unix socket server)."""
         address = self.address
         if isinstance(address, str):
-            raise ValueError("a Unix socket server has no port")
-        return address[1]
+            raise ValueError("a Unix socket server has no host and port")
+        return address
+
+    @property
+    def port(self) -> int:
+        """The TCP port (useful after binding port 0)."""
+        return self.tcp_address[1]
 
     @property
     def connections(self) -> frozenset[Connection]:

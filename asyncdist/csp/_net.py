@@ -246,23 +246,24 @@ class _Session:
         self.joined[(name, kind)] += 1
 
     def retire(self, name: Any, kind: Any) -> None:
-        kind = _kind(kind)
-        home = self._home(name)
-        if self.joined[(name, kind)] > 0:
-            self.joined[(name, kind)] -= 1
-            if kind == "write" and not self.joined[(name, kind)]:
-                self._drop_credit(home)
-            home.leave(kind)
-            self.server.forget_if_over(home)
+        self._part(name, kind, retire=True)
 
     def leave(self, name: Any, kind: Any) -> None:
+        self._part(name, kind, retire=False)
+
+    def _part(self, name: Any, kind: Any, *, retire: bool) -> None:
+        """One end of this connection leaves: retiring its side, or not (disconnect)."""
         kind = _kind(kind)
         home = self._home(name)
         if self.joined[(name, kind)] > 0:
             self.joined[(name, kind)] -= 1
             if kind == "write" and not self.joined[(name, kind)]:
                 self._drop_credit(home)
-            home.disconnect(kind)
+            if retire:
+                home.leave(kind)
+                self.server.forget_if_over(home)
+            else:
+                home.disconnect(kind)
 
     def transfer(self, name: Any, kind: Any, token: Any) -> None:
         """An end of this channel is on its way to another process: it stays joined meanwhile."""
@@ -757,9 +758,7 @@ class ChannelServer:
     def address(self) -> tuple[str, int]:
         """The address bound (host, port)."""
         assert self._server is not None
-        address = self._server.address
-        assert isinstance(address, tuple)
-        return address[0], address[1]
+        return self._server.tcp_address
 
     @property
     def port(self) -> int:

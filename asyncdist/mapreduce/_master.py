@@ -234,9 +234,7 @@ class Master:
     @property
     def address(self) -> tuple[str, int]:
         assert self._server is not None
-        address = self._server.address
-        assert isinstance(address, tuple)
-        return address[0], address[1]
+        return self._server.tcp_address
 
     def _handlers(self, conn: Connection) -> dict[str, Any]:
         return {

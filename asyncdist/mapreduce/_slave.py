@@ -104,9 +104,7 @@ class Slave:
     @property
     def address(self) -> tuple[str, int]:
         assert self._server is not None
-        address = self._server.address
-        assert isinstance(address, tuple)
-        return address[0], address[1]
+        return self._server.tcp_address
 
     def _client_options(self) -> dict[str, Any]:
         return {"secret": self._secret, "ssl": self._ssl_client, **self._options}
