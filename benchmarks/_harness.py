@@ -278,6 +278,21 @@ class ServerProcess:
             self._stderr_text = self._stderr.read().decode(errors="replace")
         return self._stderr_text[-limit:]
 
+    def wait_ok(self, timeout: float, *, tail_lines: int = 3) -> None:
+        """Wait for a clean exit within ``timeout`` s (raises TimeoutError, or RuntimeError with
+        the last lines of stderr when the exit code is not 0). Does not close stdin."""
+        proc = self.proc
+        assert proc is not None
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"{self.name} did not finish within {timeout:g} s") from None
+        if proc.returncode != 0:
+            tail = self.stderr_tail(500 * tail_lines).strip().splitlines()
+            raise RuntimeError(
+                f"{self.name} exited with code {proc.returncode}: {' | '.join(tail[-tail_lines:])}"
+            )
+
     def stop(self, timeout: float = 5.0) -> int | None:
         """SIGTERM, wait up to ``timeout`` s, then SIGKILL; always reaps. Returns the exit code."""
         proc = self.proc

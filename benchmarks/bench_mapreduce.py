@@ -793,15 +793,7 @@ class Child(ServerProcess):
         return code
 
     def finish(self, timeout: float) -> str:
-        proc = self.proc
-        assert proc is not None
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise TimeoutError(f"{self.name} did not finish within {timeout:g} s") from None
-        if proc.returncode != 0:
-            tail = self.stderr_tail(1500).strip().splitlines()
-            raise RuntimeError(f"{self.name} exited with code {proc.returncode}: {' | '.join(tail[-4:])}")
+        self.wait_ok(timeout, tail_lines=4)
         self._stdout.seek(0)
         out = self._stdout.read().decode(errors="replace")
         self._stdout.close()
