@@ -19,6 +19,7 @@ import secrets
 import shutil
 import signal
 import ssl as _ssl
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -97,6 +98,7 @@ class Slave:
         self._ssl_client = ssl_client
         self._options = options
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._dying: list[threading.Thread] = []
         self._server: Server | None = None
         self.conn: Connection | None = None
         self._jobs: set[str] = set()
@@ -114,16 +116,27 @@ class Slave:
             self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent
         )
 
-    def _kill_pool(self) -> None:
-        """Kill the worker processes now (a task that was cancelled must not run on) and start anew."""
-        pool = self._pool
+    def _retire_pool(self) -> None:
+        """Kill the worker processes now (a task that was cancelled must not run on) and shut the
+        pool down without waiting; its manager thread is joined in :meth:`aclose`."""
+        pool, self._pool = self._pool, None
         if pool is None:
             return
-        for proc in list(getattr(pool, "_processes", {}).values()):
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
             with contextlib.suppress(Exception):
                 proc.kill()
+        # Joined before the process exits: a manager thread still closing its wake-up pipe when
+        # the interpreter's exit hook writes to it prints "Bad file descriptor" (CPython 3.11).
+        thread = getattr(pool, "_executor_manager_thread", None)
         pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = self._new_pool()
+        if thread is not None:
+            self._dying.append(thread)
+
+    def _kill_pool(self) -> None:
+        """Kill the worker processes now and start anew."""
+        if self._pool is not None:
+            self._retire_pool()
+            self._pool = self._new_pool()
 
     async def start(self) -> Slave:
         os.makedirs(self.data_dir, exist_ok=True)
@@ -154,11 +167,10 @@ class Slave:
             await self.conn.wait_closed()
         if self._server is not None:
             await self._server.aclose()
-        if self._pool is not None:
-            self._kill_pool()  # a task under way is of no use any more: do not wait for it
-            pool, self._pool = self._pool, None
-            if pool is not None:
-                await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        self._retire_pool()  # a task under way is of no use any more: do not wait for it
+        dying, self._dying = self._dying, []
+        for thread in dying:
+            await asyncio.to_thread(thread.join)
         for job in self._jobs:
             shutil.rmtree(os.path.join(self.data_dir, job), ignore_errors=True)
         self._jobs.clear()
@@ -184,8 +196,7 @@ class Slave:
             raise
         except concurrent.futures.process.BrokenProcessPool:
             if self._pool is not None and getattr(self._pool, "_broken", False):
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = self._new_pool()
+                self._kill_pool()
             raise
 
     async def _map(self, task: dict[str, Any]) -> dict[str, Any]:
