@@ -1381,13 +1381,14 @@ async def _open_connection(
     server_hostname: str | None,
     handlers: Mapping[str, Handler] | None,
     options: Options,
+    on_open: Callable[[Connection], None] | None = None,
 ) -> Connection:
     loop = asyncio.get_running_loop()
     conn: Connection | None = None
 
     def factory() -> Connection:
         nonlocal conn
-        conn = Connection(initiator=True, secret=secret, handlers=handlers, options=options)
+        conn = Connection(initiator=True, secret=secret, handlers=handlers, options=options, on_open=on_open)
         return conn
 
     where = path if path is not None else f"{host}:{port}"
@@ -1459,6 +1460,7 @@ def connect(
     server_hostname: str | None = None,
     handlers: Mapping[str, Handler] | None = None,
     options: Options | None = None,
+    on_open: Callable[[Connection], None] | None = None,
     **option_overrides: Any,
 ) -> _AwaitableContext[Connection]:
     """Connect to an asyncdist server over TCP (``host``, ``port``) or a Unix socket (``path``).
@@ -1467,7 +1469,9 @@ def connect(
     ``async with connect(...) as conn`` also closes it. The secret comes
     from ``secret``, ``secret_file``, ``ASYNCDIST_SECRET`` or
     ``ASYNCDIST_SECRET_FILE`` (see :func:`asyncdist.security.resolve_secret`).
-    ``handlers`` are what the server may call here. Keyword arguments named
+    ``handlers`` are what the server may call here. ``on_open(connection)``
+    runs once the peer is authenticated, before any of its messages is
+    handled (the place to call :meth:`Connection.set_ref_hooks`). Keyword arguments named
     like :class:`Options` fields override ``options``. Raises
     :class:`~asyncdist.errors.ConnectError`,
     :class:`~asyncdist.errors.AuthenticationError` (or its
@@ -1488,5 +1492,6 @@ def connect(
             server_hostname,
             handlers,
             opts,
+            on_open,
         )
     )

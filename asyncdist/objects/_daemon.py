@@ -12,12 +12,12 @@ from collections.abc import Callable, Generator, Mapping
 from dataclasses import replace
 from typing import Any, Final, Self
 
+from .._threads import ThreadPool
 from ..connection import Connection, Options
 from ..security import resolve_secret
 from ..server import Server, serve
 from ._expose import ClassInfo, InstanceMode, class_info, expose, get_behavior
 from ._proxy import Session, no_pickle
-from ._threads import ThreadPool
 from ._uri import URI, check_object_id
 
 __all__ = ["DAEMON_OBJECT_ID", "Daemon"]

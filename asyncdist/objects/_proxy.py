@@ -42,6 +42,7 @@ from dataclasses import replace
 from ssl import SSLContext
 from typing import TYPE_CHECKING, Any, Final
 
+from .._threads import ThreadPool
 from ..codec import ObjectRef
 from ..connection import Connection, Options, connect
 from ..errors import (
@@ -53,7 +54,6 @@ from ..errors import (
 )
 from ..security import resolve_secret
 from ._expose import ClassInfo, Member, check_member_name, class_info
-from ._threads import ThreadPool
 from ._uri import URI
 
 if TYPE_CHECKING:

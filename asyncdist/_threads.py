@@ -1,9 +1,10 @@
 """A small bounded thread pool that resolves asyncio futures directly.
 
-The daemon runs every plain method call in a thread. ``run_in_executor``
-costs a :class:`concurrent.futures.Future`, a work item and the chaining of
-two futures across threads per call; this pool hands a callable to an idle
-thread and sets the asyncio future from that thread with one
+The objects daemon runs every plain method call in a thread, and RPC servers
+their blocking methods and classic-mode code. ``run_in_executor`` costs a
+:class:`concurrent.futures.Future`, a work item and the chaining of two
+futures across threads per call; this pool hands a callable to an idle thread
+and sets the asyncio future from that thread with one
 ``call_soon_threadsafe``. Threads start on demand up to ``max_threads`` and
 stay until :meth:`ThreadPool.shutdown`.
 """
