@@ -8,6 +8,8 @@
     asyncdist broker [--host 127.0.0.1] [--port 5555] [--secret-file F] [--insecure] [TLS]
     asyncdist worker --broker HOST:PORT [--slots N] [--secret-file F | --secret-stdin] [TLS]
     asyncdist ns [--host 127.0.0.1] [--port 9090] [--storage FILE] [--autoclean S] [TLS]
+    asyncdist rpc --service MODULE:CLASS [--host 127.0.0.1] [--port 18861] [--allow-public-attrs] [TLS]
+    asyncdist rpc-classic --allow-classic [--host 127.0.0.1] [--port 18812] [--secret-file F] [TLS]
     asyncdist run [-n N] script.py [args...]        (also: python -m asyncdist [-n N] script.py)
     asyncdist-worker ...                            (the same as asyncdist worker ...)
 
@@ -190,6 +192,77 @@ def _cmd_csp_server(args: argparse.Namespace) -> int:
         )
         host, port = server.address
         await _serve_until_signal(server, f"asyncdist csp channel server listening on {host}:{port}")
+
+    run(main())
+    return 0
+
+
+def _load_service(spec: str) -> Any:
+    """``module:Class`` (the current directory is searched first, as by ``python -m``)."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigurationError(f"--service takes module:Class, not {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"--service {spec}: cannot import {module_name}: {exc}") from exc
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ConfigurationError(f"--service {spec}: {module_name} has no {attr}")
+    return obj
+
+
+def _cmd_rpc(args: argparse.Namespace) -> int:
+    from . import rpc
+    from .loop import run
+
+    service = _load_service(args.service)
+
+    async def main() -> None:
+        server = await rpc.serve(
+            service,
+            args.host,
+            args.port,
+            secret=_read_secret_line() if args.secret_stdin else _file_secret(args),
+            ssl=_ssl_context(args, server=True),
+            insecure=args.insecure,
+            allow_public_attrs=args.allow_public_attrs,
+            **parse_options(args.option),
+        )
+        await _serve_until_signal(
+            server, f"asyncdist rpc {args.service} listening on {args.host}:{server.port}"
+        )
+
+    run(main())
+    return 0
+
+
+def _cmd_rpc_classic(args: argparse.Namespace) -> int:
+    from .loop import run
+    from .rpc import classic
+
+    if not args.allow_classic:
+        raise ConfigurationError(
+            "classic mode lets every client run any code in this process; "
+            "pass --allow-classic to serve it anyway"
+        )
+
+    async def main() -> None:
+        server = await classic.serve(
+            args.host,
+            args.port,
+            allow_classic=True,
+            secret=_read_secret_line() if args.secret_stdin else _file_secret(args),
+            ssl=_ssl_context(args, server=True),
+            **parse_options(args.option),
+        )
+        banner = f"asyncdist rpc-classic listening on {args.host}:{server.port} (clients run any code here)"
+        await _serve_until_signal(server, banner)
 
     run(main())
     return 0
@@ -413,6 +486,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option_argument(p)
     _add_security(p, server=True)
     p.set_defaults(func=_cmd_csp_server)
+
+    p = sub.add_parser("rpc", help="serve an RPC service (asyncdist.rpc.Service subclass)")
+    p.add_argument("--service", required=True, metavar="MODULE:CLASS", help="the service to serve")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=18861, help="port to listen on (default 18861; 0: any)")
+    p.add_argument(
+        "--allow-public-attrs", action="store_true", help="let clients reach every public attribute"
+    )
+    p.add_argument(
+        "--secret-stdin", action="store_true", help="read the shared secret from the first line of stdin"
+    )
+    _add_option_argument(p)
+    _add_security(p, server=True)
+    p.set_defaults(func=_cmd_rpc)
+
+    p = sub.add_parser("rpc-classic", help="serve RPC classic mode: clients run ANY code here (opt-in)")
+    p.add_argument("--allow-classic", action="store_true", help="required: yes, let clients run any code")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=18812, help="port to listen on (default 18812; 0: any)")
+    p.add_argument(
+        "--secret-stdin", action="store_true", help="read the shared secret from the first line of stdin"
+    )
+    _add_option_argument(p)
+    g = p.add_argument_group("security")
+    g.add_argument("--secret-file", help="read the shared secret from this file (else ASYNCDIST_SECRET)")
+    g.add_argument("--tls-ca", help="CA certificate (PEM) that signs the clients' certificates")
+    g.add_argument("--tls-cert", help="this side's certificate (PEM)")
+    g.add_argument("--tls-key", help="this side's private key (PEM)")
+    p.set_defaults(func=_cmd_rpc_classic)
 
     p = sub.add_parser("master", help="run a MapReduce master (slaves and jobs connect to it)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

@@ -24,6 +24,8 @@ PUBLIC_MODULES = [
     "asyncdist.naming",
     "asyncdist.csp",
     "asyncdist.mapreduce",
+    "asyncdist.rpc",
+    "asyncdist.rpc.classic",
 ]
 
 
