@@ -40,7 +40,7 @@ import os
 import ssl as _ssl
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Final
 
 from .. import connection as _core
@@ -190,14 +190,15 @@ class Connection:
             await hook
         except Exception as exc:
             log.exception("on_connect failed; closing the connection")
-            self.conn.abort(exc)
-            if gate is not None and not gate.done():
-                gate.set_exception(ConnectionClosed("on_connect failed"))
+            self.conn.abort(exc)  # the calls that wait at the gate are cancelled with it
             return
         finally:
             self._gate = None
-        if gate is not None and not gate.done():
-            gate.set_result(None)
+            if gate is not None and not gate.done():
+                if self.conn.closed:
+                    gate.cancel()
+                else:
+                    gate.set_result(None)
 
     def _track(self, aw: Coroutine[Any, Any, Any]) -> None:
         task = self._loop.create_task(aw)
@@ -309,9 +310,10 @@ class Connection:
             raise UnknownObjectError(f"no object #{oid!r} here: released, or never sent")
         return entry[0]
 
-    async def _after_gate(self, handler: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        assert self._gate is not None
-        await self._gate
+    async def _after_gate(
+        self, gate: asyncio.Future[None], handler: Callable[..., Any], args: tuple[Any, ...]
+    ) -> Any:
+        await gate  # opened before self._gate is cleared, so the handler runs ungated
         result = handler(*args)
         if inspect.isawaitable(result):
             result = await result
@@ -327,8 +329,8 @@ class Connection:
         return func(*args)
 
     def _h_call(self, oid: Any, path: Any, args: Any, kwargs: Any = None) -> Any:
-        if self._gate is not None:
-            return self._after_gate(self._h_call, (oid, path, args, kwargs))
+        if (gate := self._gate) is not None:
+            return self._after_gate(gate, self._h_call, (oid, path, args, kwargs))
         obj = self._local(oid)
         func = obj if path is None else self.policy.resolve(obj, path)
         return self._run(func, args, kwargs)
@@ -337,14 +339,14 @@ class Connection:
         return self._threads.run(func) if self._threaded else func()
 
     def _h_getattr(self, oid: Any, path: Any) -> Any:
-        if self._gate is not None:
-            return self._after_gate(self._h_getattr, (oid, path))
+        if (gate := self._gate) is not None:
+            return self._after_gate(gate, self._h_getattr, (oid, path))
         obj = self._local(oid)
         return self._in_thread(lambda: self.policy.resolve(obj, path))
 
     def _h_setattr(self, oid: Any, path: Any, name: Any, value: Any) -> Any:
-        if self._gate is not None:
-            return self._after_gate(self._h_setattr, (oid, path, name, value))
+        if (gate := self._gate) is not None:
+            return self._after_gate(gate, self._h_setattr, (oid, path, name, value))
         obj = self._local(oid)
 
         def write() -> None:
@@ -354,8 +356,8 @@ class Connection:
         return self._in_thread(write)
 
     def _h_op(self, oid: Any, path: Any, op: Any) -> Any:
-        if self._gate is not None:
-            return self._after_gate(self._h_op, (oid, path, op))
+        if (gate := self._gate) is not None:
+            return self._after_gate(gate, self._h_op, (oid, path, op))
         func = _OPS.get(op) if type(op) is str else None
         if func is None:
             raise ValueError(f"unknown operation {op!r}")
@@ -363,13 +365,23 @@ class Connection:
         return self._in_thread(lambda: func(obj if path is None else self.policy.resolve(obj, path)))
 
     def _h_iter(self, oid: Any, path: Any) -> Any:
-        if self._gate is not None:
-            return self._after_gate(self._h_iter, (oid, path))
+        if (gate := self._gate) is not None:
+            return self._iter_after_gate(gate, oid, path)
         obj = self._local(oid)
         target = obj if path is None else self.policy.resolve(obj, path)
         if hasattr(type(target), "__aiter__"):
             return target
         return iter(target)
+
+    async def _iter_after_gate(self, gate: asyncio.Future[None], oid: Any, path: Any) -> AsyncIterator[Any]:
+        await gate
+        items = self._h_iter(oid, path)
+        if hasattr(items, "__aiter__"):
+            async for item in items:
+                yield item
+        else:
+            for item in items:
+                yield item
 
     def _h_del(self, pairs: Any) -> None:
         if type(pairs) is not list:
