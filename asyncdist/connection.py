@@ -252,6 +252,8 @@ class Connection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._drain_waiters: deque[asyncio.Future[None]] = deque()
         self._reading_paused = False
+        # True while a graceful close waits for calls in progress (see close()).
+        self._draining = False
 
         self._last_recv = self._loop.time()
         self._progress_mark: tuple[float, int] | None = None
@@ -328,7 +330,7 @@ class Connection(asyncio.BufferedProtocol):
         timeout: float | None = None,
     ) -> Any:
         """Like :meth:`call`, with the arguments given as a sequence and a mapping."""
-        if self._state != _OPEN:
+        if self._state != _OPEN and not (self._draining and self._in_own_handler()):
             raise self._refusal()
         if len(self._pending) + len(self._streams) >= self._peer_limit:
             await self._wait_slot()
@@ -358,7 +360,7 @@ class Connection(asyncio.BufferedProtocol):
             # Cancelled here or timed out (a TimeoutError raised remotely finds nothing pending).
             if self._pending.pop(call_id, None) is not None:
                 self._release_slot()
-                if self._state == _OPEN:
+                if self._state == _OPEN or self._draining:
                     self._send([P.CANCEL, call_id])
             raise
 
@@ -414,6 +416,9 @@ class Connection(asyncio.BufferedProtocol):
     async def close(self, reason: str = "") -> None:
         """Close gracefully: wait (up to ``close_timeout``) for calls in progress, then CLOSE.
 
+        New calls are refused at once, except what calls in progress may
+        need: while this side waits for its calls, the peer may still call
+        it (a callback), and a handler still running may still call the peer.
         Idempotent; returns when the connection is closed and its tasks are done.
         """
         if self._state == _HANDSHAKE:
@@ -431,10 +436,15 @@ class Connection(asyncio.BufferedProtocol):
                     *self._call_tasks.values(),
                 ]
                 if waitables:
+                    # Calls in progress may need the other direction to finish (a callback into
+                    # this side, or one its handler makes): that much still flows meanwhile.
+                    self._draining = True
                     await asyncio.wait(waitables, timeout=self.options.close_timeout)
             except BaseException:
                 self.abort()
                 raise
+            finally:
+                self._draining = False
             self._shutdown(reason)
         await self.wait_closed()
 
@@ -571,6 +581,10 @@ class Connection(asyncio.BufferedProtocol):
             if not fut.done():
                 fut.set_result(None)
                 return
+
+    def _in_own_handler(self) -> bool:
+        ref = _current.get(None)
+        return ref is not None and ref() is self
 
     def _refusal(self) -> ConnectionClosed:
         exc = self._close_exc
@@ -985,7 +999,7 @@ class Connection(asyncio.BufferedProtocol):
         if call_id in self._incoming:
             self._ids.begin_incoming(call_id)  # raises: a duplicate of a call in progress
         self.stats.calls_received += 1
-        if self._state != _OPEN:
+        if self._state != _OPEN and not (self._draining and self._pending):
             self._send([P.ERROR, call_id, ConnectionClosedOK("connection is closing")])
             return
         if self._backlog or self._write_paused or len(self._tasks) >= self.options.max_in_flight:
