@@ -371,7 +371,15 @@ class Connection:
         target = obj if path is None else self.policy.resolve(obj, path)
         if hasattr(type(target), "__aiter__"):
             return target
+        if self._threaded:  # classic: the client's generators may block, as any of its code
+            return self._iter_in_threads(target)
         return iter(target)
+
+    async def _iter_in_threads(self, iterable: Any) -> AsyncIterator[Any]:
+        it = await self._threads.run(lambda: iter(iterable))
+        done = object()
+        while (item := await self._threads.run(lambda: next(it, done))) is not done:
+            yield item
 
     async def _iter_after_gate(self, gate: asyncio.Future[None], oid: Any, path: Any) -> AsyncIterator[Any]:
         await gate
@@ -383,14 +391,15 @@ class Connection:
             for item in items:
                 yield item
 
-    def _h_del(self, pairs: Any) -> None:
-        if type(pairs) is not list:
-            raise ProtocolError("rpc.del takes a list of [id, count] pairs")
+    def _h_del(self, pairs: Any = None) -> None:
+        if type(pairs) is not list or not all(
+            type(pair) is list and len(pair) == 2 and type(pair[0]) is type(pair[1]) is int for pair in pairs
+        ):
+            # The peer broke the protocol: this connection ends (without a traceback in the log).
+            self.conn.abort(ProtocolError("rpc.del takes a list of [id, count] pairs"))
+            return
         objects = self._objects
-        for pair in pairs:
-            if not (type(pair) is list and len(pair) == 2 and type(pair[0]) is type(pair[1]) is int):
-                raise ProtocolError("rpc.del takes a list of [id, count] pairs")
-            oid, count = pair
+        for oid, count in pairs:
             entry = objects.get(oid)
             if entry is None or oid == 0:
                 continue

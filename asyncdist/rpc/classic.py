@@ -46,7 +46,7 @@ from typing import Any, Final
 from .. import connection as _core
 from ..connection import current_connection
 from ..errors import ConfigurationError
-from ..security import is_loopback
+from ..security import check_bind, is_loopback, resolve_secret
 from ._netref import Netref, _Member
 from ._service import Service
 from ._session import Connection, Server, open_connection, start_server
@@ -271,6 +271,7 @@ def serve(
     secret: str | bytes | None = None,
     ssl: _ssl.SSLContext | None = None,
     threads: int = 32,
+    insecure: bool = False,
     **options: Any,
 ) -> _core._AwaitableContext[Server]:
     """Serve classic mode: every client may run any code here, as this process's user.
@@ -285,7 +286,10 @@ def serve(
             "classic mode lets every client run any code in this process: "
             "start it with allow_classic=True (`asyncdist rpc-classic --allow-classic`)"
         )
+    if insecure:
+        raise ConfigurationError("classic mode has no insecure override: use a secret or mutual TLS")
     if path is None and not is_loopback(host):
+        check_bind(host, secret=resolve_secret(secret), ssl=ssl)
         log.warning(
             "classic mode on %s: every authenticated client may run any code here "
             "(RPyC calls classic mode intentionally insecure)",
