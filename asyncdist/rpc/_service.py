@@ -25,6 +25,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any, Final, TypeVar, overload
 
+from ._netref import Netref
+
 __all__ = ["Policy", "Service", "exposed", "is_blocking"]
 
 _EXPOSED: Final = "_asyncdist_rpc_exposed"
@@ -147,6 +149,8 @@ class Policy:
                 raise AttributeError("a member name is a non-empty string")
             return peer_name
         name = check_name(peer_name)
+        if isinstance(obj, Netref):
+            return name  # an object of a third party: its owner checks the name
         if hasattr(obj, _PREFIX + name):
             return _PREFIX + name
         if self._is_marked(obj, name) or (name.startswith(_PREFIX) and hasattr(obj, name)):

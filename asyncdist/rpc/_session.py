@@ -49,6 +49,7 @@ from ..codec import ObjectRef
 from ..errors import ConfigurationError, ConnectionClosed, ProtocolError, UnknownObjectError
 from ..server import Server as _CoreServer
 from ..server import serve as _core_serve
+from . import _netref
 from ._netref import Netref, _Member
 from ._service import Policy, Service, is_blocking
 
@@ -59,11 +60,20 @@ log = logging.getLogger("asyncdist.rpc")
 DEFAULT_PORT: Final = 18861
 _BY_VALUE: Final = (int, float, str, bytes, bytearray, memoryview, list, tuple, dict)
 _OPS: Final[dict[str, Callable[[Any], Any]]] = {"len": len, "str": str, "repr": repr}
+_FORWARDED_OPS: Final[dict[str, Callable[[Netref], Any]]] = {
+    "len": _netref.len,
+    "str": _netref.str,
+    "repr": _netref.repr,
+}
 _CLASSIC_OFF: Final = (
     "classic mode is off on this server: only a server started with "
     "rpc.classic.serve(..., allow_classic=True) (or `asyncdist rpc-classic --allow-classic`) "
     "runs code sent by its clients"
 )
+
+
+async def _value(value: Any) -> Any:
+    return value
 
 
 class _Threads:
@@ -324,9 +334,10 @@ class Connection:
             raise TypeError("rpc.call takes a list of arguments and a dict of keyword arguments")
         if (self._threaded and not inspect.iscoroutinefunction(func)) or is_blocking(func):
             return self._threads.run(functools.partial(func, *args, **(kwargs or {})))
-        if kwargs:
-            return func(*args, **kwargs)
-        return func(*args)
+        result = func(*args, **kwargs) if kwargs else func(*args)
+        if inspect.isasyncgen(result):
+            return _value(result)  # travels by reference, as a netref to iterate
+        return result
 
     def _h_call(self, oid: Any, path: Any, args: Any, kwargs: Any = None) -> Any:
         if (gate := self._gate) is not None:
@@ -350,10 +361,14 @@ class Connection:
         obj = self._local(oid)
 
         def write() -> None:
-            target = obj if path is None else self.policy.resolve(obj, path)
-            self.policy.set(target, name, value)
+            self.policy.set(obj if path is None else self.policy.resolve(obj, path), name, value)
 
-        return self._in_thread(write)
+        if self._threaded:
+            return self._threads.run(write)
+        target = obj if path is None else self.policy.resolve(obj, path)
+        if isinstance(target, Netref):  # an object of a third party: pass it on
+            return _netref.setattr(target, name, value)
+        return self.policy.set(target, name, value)
 
     def _h_op(self, oid: Any, path: Any, op: Any) -> Any:
         if (gate := self._gate) is not None:
@@ -362,7 +377,12 @@ class Connection:
         if func is None:
             raise ValueError(f"unknown operation {op!r}")
         obj = self._local(oid)
-        return self._in_thread(lambda: func(obj if path is None else self.policy.resolve(obj, path)))
+        if self._threaded:
+            return self._threads.run(lambda: func(obj if path is None else self.policy.resolve(obj, path)))
+        target = obj if path is None else self.policy.resolve(obj, path)
+        if isinstance(target, Netref):  # an object of a third party: pass it on
+            return _FORWARDED_OPS[op](target)
+        return func(target)
 
     def _h_iter(self, oid: Any, path: Any) -> Any:
         if (gate := self._gate) is not None:
