@@ -892,7 +892,7 @@ async def test_release_goes_through_a_forwarded_netref() -> None:
 async def test_an_unknown_object_id_raises_unknown_object_error() -> None:
     async with pair() as (_, conn):
         with pytest.raises(UnknownObjectError):
-            await conn.conn.call("rpc.call", 999, None, [])
+            await conn.conn.call("rpc.call", 999, None)
         with pytest.raises(UnknownObjectError):
             await conn.conn.call("rpc.getattr", 999, "x")
 
@@ -918,11 +918,11 @@ async def test_private_dunder_dotted_and_unexposed_names_are_refused() -> None:
             return [x async for x in stream]
 
         attempts: dict[str, Callable[[], Awaitable[Any]]] = {
-            "call _private": lambda: wire.call("rpc.call", 0, "_private", []),
-            "call not_exposed": lambda: wire.call("rpc.call", 0, "not_exposed", []),
+            "call _private": lambda: wire.call("rpc.call", 0, "_private"),
+            "call not_exposed": lambda: wire.call("rpc.call", 0, "not_exposed"),
             "root.not_exposed()": lambda: root.not_exposed(),
-            "call 'a.b'": lambda: wire.call("rpc.call", 0, "a.b", ["dotted"]),
-            "call a.hidden": lambda: wire.call("rpc.call", 0, ["a", "hidden"], []),
+            "call 'a.b'": lambda: wire.call("rpc.call", 0, "a.b", "dotted"),
+            "call a.hidden": lambda: wire.call("rpc.call", 0, ["a", "hidden"]),
             "root.a.hidden()": lambda: root.a.hidden(),
             "root.on_connect()": lambda: root.on_connect(None),
             "root.on_disconnect()": lambda: root.on_disconnect(None),
@@ -1009,7 +1009,7 @@ async def test_allow_public_attrs_permits_public_attributes_only() -> None:
             "_hidden": lambda: rpc.getattr(thing, "_hidden"),
             "__class__": lambda: rpc.getattr(thing, "__class__"),
             "__dict__": lambda: rpc.getattr(thing, "__dict__"),
-            "_private()": lambda: conn.conn.call("rpc.call", 0, "_private", []),
+            "_private()": lambda: conn.conn.call("rpc.call", 0, "_private"),
             "on_connect()": lambda: conn.root.on_connect(None),
             "on_disconnect()": lambda: conn.root.on_disconnect(None),
             "on_connect": lambda: rpc.getattr(conn.root, "on_connect"),
@@ -1032,7 +1032,7 @@ async def test_allow_public_attrs_permits_public_attributes_only() -> None:
             with pytest.raises(AttributeError, match=r"identifier|dotted"):
                 await rpc.getattr(dotty, name)
             with pytest.raises(AttributeError, match=r"identifier|dotted"):
-                await conn.conn.call("rpc.call", dotty._oid, name, [])
+                await conn.conn.call("rpc.call", dotty._oid, name)
         assert len(hooks_calls) == 1
         assert svc.log == ["not_exposed"]
     # Without the option, the same public attribute is refused.

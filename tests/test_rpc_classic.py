@@ -652,7 +652,7 @@ async def test_b17_pickled_payload_from_an_authenticated_client_is_refused(
                     await eventually(lambda: server_side(server, known), "no server side for the attacker")
                     (attacked,) = server_side(server, known)
                     with pytest.raises(ConnectionClosed):
-                        await finish(raw.call("rpc.call", 0, path, [Pickled(bomb)]), "the pickled call")
+                        await finish(raw.call("rpc.call", 0, path, Pickled(bomb)), "the pickled call")
                     assert raw.closed
             else:
                 evil = await EvilClient.open(server.port)
@@ -660,7 +660,7 @@ async def test_b17_pickled_payload_from_an_authenticated_client_is_refused(
                     await evil.handshake(SECRET.encode())
                     await eventually(lambda: server_side(server, known), "no server side for the attacker")
                     (attacked,) = server_side(server, known)
-                    body = msgpack.packb([P.CALL, 1, "rpc.call", [0, path, [msgpack.ExtType(3, bomb)]]])
+                    body = msgpack.packb([P.CALL, 1, "rpc.call", [0, path, msgpack.ExtType(3, bomb)]])
                     await evil.send_frame(body)
                     frames = await evil.expect_closed()
                     assert all(b"pwned" not in f for f in frames)

@@ -437,36 +437,30 @@ async def still_served(server: rpc.Server, honest: rpc.Connection) -> None:
 LONG = "x" * 300
 
 BAD_CALLS = [
-    pytest.param(("rpc.call", 999, "echo", [1]), UnknownObjectError, "no object #999", id="unknown-oid"),
-    pytest.param(("rpc.call", -1, "echo", [1]), UnknownObjectError, "no object", id="negative-oid"),
-    pytest.param(("rpc.call", "0", "echo", [1]), UnknownObjectError, "no object", id="str-oid"),
-    pytest.param(("rpc.call", True, "echo", [1]), UnknownObjectError, "no object", id="bool-oid"),
-    pytest.param(("rpc.call", None, "echo", [1]), UnknownObjectError, "no object", id="none-oid"),
-    pytest.param(("rpc.call", [0], "echo", [1]), UnknownObjectError, "no object", id="list-oid"),
-    pytest.param(("rpc.call", 0, 5, [1]), AttributeError, "member path", id="int-path"),
-    pytest.param(("rpc.call", 0, 1.5, [1]), AttributeError, "member path", id="float-path"),
-    pytest.param(("rpc.call", 0, {"a": 1}, [1]), AttributeError, "member path", id="dict-path"),
-    pytest.param(("rpc.call", 0, [["echo"]], [1]), AttributeError, "member name", id="nested-list-path"),
-    pytest.param(("rpc.call", 0, ["echo"] * 1000, [1]), AttributeError, "at most 64", id="1000-names"),
-    pytest.param(("rpc.call", 0, [], [1]), TypeError, None, id="empty-path"),
-    pytest.param(("rpc.call", 0, "", [1]), AttributeError, "non-empty", id="empty-name"),
-    pytest.param(("rpc.call", 0, LONG, [1]), AttributeError, "at most 256", id="long-name"),
-    pytest.param(("rpc.call", 0, "echo.x", [1]), AttributeError, "identifier", id="dotted-name"),
-    pytest.param(("rpc.call", 0, "__class__", [1]), AttributeError, "private", id="dunder"),
-    pytest.param(("rpc.call", 0, "_secret", []), AttributeError, "private", id="private"),
-    pytest.param(("rpc.call", 0, ["make", "__globals__"], []), AttributeError, "private", id="globals"),
-    pytest.param(("rpc.call", 0, "on_connect", [None]), AttributeError, "not exposed", id="hook"),
-    pytest.param(("rpc.call", 0, "nothing", []), AttributeError, "not exposed", id="missing-name"),
-    pytest.param(("rpc.call", 0, "echo", 1), TypeError, "list of arguments", id="int-args"),
-    pytest.param(("rpc.call", 0, "echo", "ab"), TypeError, "list of arguments", id="str-args"),
-    pytest.param(("rpc.call", 0, "echo", {"x": 1}), TypeError, "list of arguments", id="dict-args"),
-    pytest.param(("rpc.call", 0, "echo", None), TypeError, "list of arguments", id="none-args"),
-    pytest.param(("rpc.call", 0, "echo", [1], 5), TypeError, "dict of keyword", id="int-kwargs"),
-    pytest.param(("rpc.call", 0, "echo", [1], [1]), TypeError, "dict of keyword", id="list-kwargs"),
-    pytest.param(("rpc.call", 0, "echo", [], {"y": 1}), TypeError, None, id="unknown-kwarg"),
+    pytest.param(("rpc.call", 999, "echo", 1), UnknownObjectError, "no object #999", id="unknown-oid"),
+    pytest.param(("rpc.call", -1, "echo", 1), UnknownObjectError, "no object", id="negative-oid"),
+    pytest.param(("rpc.call", "0", "echo", 1), UnknownObjectError, "no object", id="str-oid"),
+    pytest.param(("rpc.call", True, "echo", 1), UnknownObjectError, "no object", id="bool-oid"),
+    pytest.param(("rpc.call", None, "echo", 1), UnknownObjectError, "no object", id="none-oid"),
+    pytest.param(("rpc.call", [0], "echo", 1), UnknownObjectError, "no object", id="list-oid"),
+    pytest.param(("rpc.call", 0, 5, 1), AttributeError, "member path", id="int-path"),
+    pytest.param(("rpc.call", 0, 1.5, 1), AttributeError, "member path", id="float-path"),
+    pytest.param(("rpc.call", 0, {"a": 1}, 1), AttributeError, "member path", id="dict-path"),
+    pytest.param(("rpc.call", 0, [["echo"]], 1), AttributeError, "member name", id="nested-list-path"),
+    pytest.param(("rpc.call", 0, ["echo"] * 1000, 1), AttributeError, "1 to 64 names", id="1000-names"),
+    pytest.param(("rpc.call", 0, [], 1), AttributeError, "1 to 64 names", id="empty-path"),
+    pytest.param(("rpc.call", 0, "", 1), AttributeError, "non-empty", id="empty-name"),
+    pytest.param(("rpc.call", 0, LONG, 1), AttributeError, "at most 256", id="long-name"),
+    pytest.param(("rpc.call", 0, "echo.x", 1), AttributeError, "identifier", id="dotted-name"),
+    pytest.param(("rpc.call", 0, "__class__", 1), AttributeError, "private", id="dunder"),
+    pytest.param(("rpc.call", 0, "_secret"), AttributeError, "private", id="private"),
+    pytest.param(("rpc.call", 0, ["make", "__globals__"]), AttributeError, "private", id="globals"),
+    pytest.param(("rpc.call", 0, "on_connect", None), AttributeError, "not exposed", id="hook"),
+    pytest.param(("rpc.call", 0, "nothing"), AttributeError, "not exposed", id="missing-name"),
     pytest.param(("rpc.call", 0, "echo"), TypeError, None, id="missing-args"),
+    pytest.param(("rpc.call", 0, "echo", 1, 2), TypeError, None, id="extra-args"),
     pytest.param(("rpc.call",), TypeError, None, id="no-args-at-all"),
-    pytest.param(("rpc.call", 0, "echo", [1], {}, 9), TypeError, None, id="too-many"),
+    pytest.param(("rpc.call", 0, "echo", 1, {}, 9), TypeError, None, id="too-many"),
     pytest.param(("rpc.op", 0, None, "nope"), ValueError, "unknown operation", id="op-unknown"),
     pytest.param(("rpc.op", 0, None, 5), ValueError, "unknown operation", id="op-int"),
     pytest.param(("rpc.op", 0, None, None), ValueError, "unknown operation", id="op-none"),
@@ -511,7 +505,7 @@ async def test_bad_rpc_request_gets_an_error_reply_and_the_connection_stays_up(
                 with pytest.raises(error, match=match):
                     await finish(raw.call(name, *rest), "the bad request")
             assert not raw.closed
-            assert await raw.call("rpc.call", 0, "echo", [1]) == 1  # the same connection still works
+            assert await raw.call("rpc.call", 0, "echo", 1) == 1  # the same connection still works
             await still_served(server, honest)
             assert not marker.exists()
             assert not raw.closed
@@ -555,12 +549,12 @@ async def test_junk_rpc_del_harms_nobody_else(
             # A call after the notification: either an answer (the connection stayed up) or
             # ConnectionClosed (it was closed as a protocol error): never a hang.
             try:
-                assert await finish(raw.call("rpc.call", 0, "echo", [1]), "the next call") == 1
+                assert await finish(raw.call("rpc.call", 0, "echo", 1), "the next call") == 1
             except ConnectionClosed:
                 assert raw.closed
             else:
                 # The service itself is never released, whatever count comes back.
-                assert await raw.call("rpc.call", 0, "echo", ["service"]) == "service"
+                assert await raw.call("rpc.call", 0, "echo", "service") == "service"
         # Object tables are per connection: the honest client's object is untouched.
         assert await lent.ping() == "pong honest"
         await still_served(server, honest)
@@ -598,14 +592,14 @@ async def test_bad_object_reference_closes_only_that_connection(
             await eventually(lambda: len(server.connections) == 2, "the attacker is not served")
             session = session_of(server, known)
             if where == "args":
-                aw = raw.call("rpc.call", 0, "echo", [ref])
+                aw = raw.call("rpc.call", 0, "echo", ref)
             elif where == "kwargs":
-                aw = raw.call("rpc.call", 0, "echo", [], {"x": ref})
+                aw = raw.call("rpc.call", 0, "echo", {"x": ref})
             elif where == "setattr-value":
                 aw = raw.call("rpc.setattr", 0, None, "echo", ref)
             else:
                 await raw.notify("rpc.del", [[ref, 1]])
-                aw = raw.call("rpc.call", 0, "echo", [1])
+                aw = raw.call("rpc.call", 0, "echo", 1)
             with pytest.raises(ConnectionClosed):
                 await finish(aw, "the call with a bad reference")
             assert raw.closed
@@ -623,26 +617,26 @@ async def test_bad_object_reference_closes_only_that_connection(
 async def test_references_that_are_fine_on_a_raw_connection() -> None:
     """Controls for the bad-reference cases: a real object of this connection comes back whole."""
     async with attacked() as (server, honest), asyncdist.connect(port=server.port) as raw:
-        ref = await raw.call("rpc.call", 0, "make", ["raw"])
+        ref = await raw.call("rpc.call", 0, "make", "raw")
         assert isinstance(ref, ObjectRef)  # a raw connection has no netrefs: it sees the reference
         assert ref.uri == "r"
         oid = ref.meta["i"]
         assert type(oid) is int
         assert oid > 0
         assert ref.meta["t"] == "Lent"
-        assert await raw.call("rpc.call", oid, "ping", []) == "pong raw"
+        assert await raw.call("rpc.call", oid, "ping") == "pong raw"
         # Sent back with kind "b": the server sees its own object (and lends it again).
-        again = await raw.call("rpc.call", 0, "echo", [ObjectRef("b", {"i": oid})])
+        again = await raw.call("rpc.call", 0, "echo", ObjectRef("b", {"i": oid}))
         assert isinstance(again, ObjectRef)
         assert again.uri == "r"
         assert again.meta["i"] == oid
         # Another connection's id means nothing here, and this one's means nothing there.
         with pytest.raises(UnknownObjectError):
-            await honest.conn.call("rpc.call", oid, "ping", [])
+            await honest.conn.call("rpc.call", oid, "ping")
         # Released (twice lent, twice released): the object is gone.
         await raw.notify("rpc.del", [[oid, 2]])
         with pytest.raises(UnknownObjectError):
-            await raw.call("rpc.call", oid, "ping", [])
+            await raw.call("rpc.call", oid, "ping")
         await still_served(server, honest)
 
 

@@ -120,13 +120,15 @@ def check_name(name: Any) -> str:
 class Policy:
     """What a peer may do with the objects of one side (see the module's rules)."""
 
-    __slots__ = ("_marked", "allow_all", "allow_public_attrs")
+    __slots__ = ("_marked", "_members", "allow_all", "allow_public_attrs")
 
     def __init__(self, *, allow_public_attrs: bool = False, allow_all: bool = False) -> None:
         self.allow_public_attrs = allow_public_attrs
         self.allow_all = allow_all
         # (type, name) -> the name's class attribute is decorated with @exposed
         self._marked: dict[tuple[type, str], bool] = {}
+        # (type, name) -> (the attribute it reaches, blocking), for members the class defines
+        self._members: dict[tuple[type, str], tuple[str, bool]] = {}
 
     def _is_marked(self, obj: Any, name: str) -> bool:
         key = (type(obj), name)
@@ -158,6 +160,32 @@ class Policy:
         if self.allow_public_attrs and not (isinstance(obj, Service) and name in _HOOKS):
             return name
         raise AttributeError(f"{type(obj).__name__}.{name} is not exposed")
+
+    def lookup(self, obj: Any, path: Any) -> tuple[Any, bool]:
+        """The member at ``path`` to call, and whether it is ``@exposed(blocking=True)``.
+
+        Each step is checked as by :meth:`resolve`; the check of the last
+        name is remembered per class when the member is defined by the class.
+        """
+        if type(path) is not str:
+            if type(path) is not list or not 0 < len(path) <= 64:
+                raise AttributeError("a member path is a name or a list of 1 to 64 names")
+            for name in path[:-1]:
+                obj = getattr(obj, self.real_name(obj, name))
+            path = path[-1]
+            if type(path) is not str:
+                raise AttributeError("a member name is a non-empty string of at most 256 characters")
+        cls = type(obj)
+        known = self._members.get((cls, path))
+        if known is not None:
+            return getattr(obj, known[0]), known[1]
+        real = self.real_name(obj, path)
+        member = getattr(obj, real)
+        blocking = is_blocking(member)
+        cacheable = not self.allow_all and not isinstance(obj, Netref) and hasattr(cls, real)
+        if cacheable and len(self._members) < 4096:
+            self._members[(cls, path)] = (real, blocking)
+        return member, blocking
 
     def resolve(self, obj: Any, path: Any) -> Any:
         """Follow ``path`` (a name or a list of names), checking every step."""

@@ -9,8 +9,8 @@ closes. Messages (all on the core :class:`~asyncdist.connection.Connection`):
 =================  ===========================================  ================================
 name               arguments                                    answer
 =================  ===========================================  ================================
-``rpc.call``       object id, member path or None, args[,       the result; as a one-way
-                   kwargs]                                      message, nothing
+``rpc.call``       object id, member path or None, then the     the result; as a one-way
+                   call's own arguments (and keyword arguments) message, nothing
 ``rpc.getattr``    object id, member path                       the attribute's value
 ``rpc.setattr``    object id, member path or None, name, value  None
 ``rpc.op``         object id, member path or None, ``"len"`` |  the value
@@ -41,6 +41,7 @@ import ssl as _ssl
 import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from types import AsyncGeneratorType
 from typing import Any, Final
 
 from .. import connection as _core
@@ -51,7 +52,7 @@ from ..server import Server as _CoreServer
 from ..server import serve as _core_serve
 from . import _netref
 from ._netref import Netref, _Member
-from ._service import Policy, Service, is_blocking
+from ._service import Policy, Service
 
 __all__ = ["Connection", "Server", "connect", "serve"]
 
@@ -300,17 +301,17 @@ class Connection:
         if pairs and not self.closed:
             self.conn.notify_nowait("rpc.del", [[oid, n] for oid, n in pairs.items()])
 
-    def send_oneway(self, wire: tuple[Any, ...]) -> None:
+    def send_oneway(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self.closed:
             raise self.conn.close_exception or ConnectionClosed("the connection is closed")
         if threading.get_ident() == self._loop_thread:
-            self.conn.notify_nowait("rpc.call", *wire)
+            self.conn.notify_nowait("rpc.call", *args, **kwargs)
         else:
-            self._loop.call_soon_threadsafe(self._oneway_later, wire)
+            self._loop.call_soon_threadsafe(self._oneway_later, args, kwargs)
 
-    def _oneway_later(self, wire: tuple[Any, ...]) -> None:
+    def _oneway_later(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not self.closed:
-            self.conn.notify_nowait("rpc.call", *wire)
+            self.conn.notify_nowait("rpc.call", *args, **kwargs)
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -321,30 +322,34 @@ class Connection:
         return entry[0]
 
     async def _after_gate(
-        self, gate: asyncio.Future[None], handler: Callable[..., Any], args: tuple[Any, ...]
+        self,
+        gate: asyncio.Future[None],
+        handler: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None = None,
     ) -> Any:
         await gate  # opened before self._gate is cleared, so the handler runs ungated
-        result = handler(*args)
+        result = handler(*args, **kwargs) if kwargs else handler(*args)
         if inspect.isawaitable(result):
             result = await result
         return result
 
-    def _run(self, func: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-        if type(args) is not list or (kwargs is not None and type(kwargs) is not dict):
-            raise TypeError("rpc.call takes a list of arguments and a dict of keyword arguments")
-        if (self._threaded and not inspect.iscoroutinefunction(func)) or is_blocking(func):
-            return self._threads.run(functools.partial(func, *args, **(kwargs or {})))
+    def _h_call(self, oid: Any, path: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if (gate := self._gate) is not None:
+            return self._after_gate(gate, self._h_call, (oid, path, *args), kwargs)
+        entry = self._objects.get(oid) if type(oid) is int else None
+        if entry is None:
+            raise UnknownObjectError(f"no object #{oid!r} here: released, or never sent")
+        if path is None:
+            func, blocking = entry[0], False
+        else:
+            func, blocking = self.policy.lookup(entry[0], path)
+        if blocking or (self._threaded and not inspect.iscoroutinefunction(func)):
+            return self._threads.run(functools.partial(func, *args, **kwargs))
         result = func(*args, **kwargs) if kwargs else func(*args)
-        if inspect.isasyncgen(result):
+        if type(result) is AsyncGeneratorType:
             return _value(result)  # travels by reference, as a netref to iterate
         return result
-
-    def _h_call(self, oid: Any, path: Any, args: Any, kwargs: Any = None) -> Any:
-        if (gate := self._gate) is not None:
-            return self._after_gate(gate, self._h_call, (oid, path, args, kwargs))
-        obj = self._local(oid)
-        func = obj if path is None else self.policy.resolve(obj, path)
-        return self._run(func, args, kwargs)
 
     def _in_thread(self, func: Callable[[], Any]) -> Any:
         return self._threads.run(func) if self._threaded else func()
