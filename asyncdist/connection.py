@@ -6,7 +6,9 @@ and either end may call the other. Many calls share the connection at once.
 Handlers. A plain function is called on the event loop, inline, and must not
 block: paradigms run user code in threads or processes themselves. A
 coroutine function (or any handler returning an awaitable) runs as its own
-task, which the caller can cancel from its side; a handler that returns an
+task, which the caller can cancel from its side (a coroutine is started at
+once, in its task, as Python 3.12's eager tasks are: one that returns
+without waiting is answered with no loop turn); a handler that returns an
 :class:`asyncio.Future` (e.g. from ``run_in_executor``) is answered when the
 future is done, without a task, and a cancel from the caller cancels it. A handler called through
 :meth:`Connection.stream` returns an async iterable (or a plain iterable)
@@ -41,6 +43,7 @@ import logging
 import os
 import socket
 import ssl as _ssl
+import sys
 import time
 import weakref
 from collections import deque
@@ -94,6 +97,57 @@ _FLUSH_AT: Final = 256 * 1024
 # Pre-auth connections never encode; they share this codec until they open.
 _PREAUTH_CODEC: Final = Codec()
 _pack_header = frame_header
+
+
+_current_task: Final = asyncio.current_task
+
+
+class _Unscheduled:
+    """Stands for the loop while an eager task is made: its first step is run by the maker."""
+
+    __slots__ = ("_loop",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def get_debug(self) -> bool:
+        return self._loop.get_debug()
+
+    def call_soon(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+if sys.version_info >= (3, 12):
+
+    def _eager_task(
+        coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop, context: contextvars.Context
+    ) -> asyncio.Future[Any]:
+        """A task of ``coro`` whose first step has run (asyncio's eager start)."""
+        return asyncio.Task(coro, loop=loop, context=context, eager_start=True)
+
+else:
+    _PyTask: Any = asyncio.tasks._PyTask  # type: ignore[attr-defined]
+
+    class _EagerTask(_PyTask):  # type: ignore[misc]
+        """asyncio's Python task, started at once, as Python 3.12's ``eager_start=True`` does."""
+
+        def __init__(
+            self,
+            coro: Coroutine[Any, Any, Any],
+            loop: asyncio.AbstractEventLoop,
+            context: contextvars.Context,
+        ) -> None:
+            super().__init__(coro, loop=_Unscheduled(loop), context=context)  # first step not scheduled
+            self._loop = loop
+            # The first step, now, in the task's context: current_task() is this task meanwhile.
+            context.run(self._Task__step)
+
+    def _eager_task(
+        coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop, context: contextvars.Context
+    ) -> asyncio.Future[Any]:
+        """A task of ``coro`` whose first step has run (asyncio's eager start)."""
+        task: asyncio.Future[Any] = _EagerTask(coro, loop, context)
+        return task
 
 
 def current_connection() -> Connection:
@@ -1072,6 +1126,14 @@ class Connection(asyncio.BufferedProtocol):
             return
         if rt is _Future:
             self._start_future(call_id, result)
+        elif rt is CoroutineType and _current_task(self._loop) is None:
+            # Run it here up to its first suspension, in a task of its own: a coroutine that
+            # returns without waiting is answered now, with no task scheduled and no loop turn.
+            task = _eager_task(result, self._loop, self._context.copy())
+            if task.done():
+                self._future_done(call_id, task)
+            else:
+                self._start_future(call_id, task)
         elif rt is CoroutineType or (rt not in _PLAIN_TYPES and inspect.isawaitable(result)):
             self._start_task(call_id, self._await_result(call_id, result), result)
         elif rt not in _PLAIN_TYPES and inspect.isasyncgen(result):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import gc
 import random
 import select
@@ -86,6 +87,40 @@ async def nest(depth: int) -> list[str]:
     if depth == 0:
         return [side]
     return [side, *await conn.call("nest", depth - 1)]
+
+
+_seen_in_handler: contextvars.ContextVar[str] = contextvars.ContextVar("seen_in_handler", default="")
+
+
+@pytest.mark.both_loops
+async def test_a_coroutine_handler_starts_at_once_in_a_task_of_its_own() -> None:
+    # Coroutine handlers run up to their first await as soon as the call is read (eager start):
+    # from the first line they are inside their own task and their own copy of the context.
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def prefix(tag: str, suspend: bool) -> list[Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        before = _seen_in_handler.get()
+        _seen_in_handler.set(tag)  # must not leak into the next call's context
+        async with asyncio.timeout(5 * SCALE):  # needs a current task
+            async with asyncio.TaskGroup() as tg:  # so does this
+                child = tg.create_task(asyncio.sleep(0, "child"))
+            if suspend:
+                await asyncio.sleep(0.01)
+        assert asyncio.current_task() is task
+        return [before, child.result(), asyncdist.current_connection() is not None]
+
+    async with connection_pair(server_handlers={"prefix": prefix}) as (client, _):
+        assert await client.call("prefix", "a", False) == ["", "child", True]
+        assert await client.call("prefix", "b", True) == ["", "child", True]
+        assert (
+            await asyncio.gather(*(client.call("prefix", str(i), i % 2 == 0) for i in range(20)))
+            == [["", "child", True]] * 20
+        )
+    assert len({id(t) for t in tasks}) == len(tasks) == 22
+    assert all(t.done() for t in tasks)
 
 
 async def test_calls_both_ways_at_once_with_nested_callbacks_do_not_deadlock() -> None:
