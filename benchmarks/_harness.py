@@ -739,8 +739,14 @@ def serve_pyro5_echo(api: Any, object_id: str, *, instance: bool) -> None:
         daemon.close()
 
 
-def _pyro5_threads(api: Any, uri: str, n: int, s: EchoSettings, warmup: float) -> Rate:
-    """(b) for Pyro5, which does not pipeline: ``n`` threads with a proxy each, one call at a time."""
+def threaded_echo_rate(
+    n: int,
+    s: EchoSettings,
+    warmup: float,
+    open_echo: Callable[[], tuple[Callable[[Any], Any], Callable[[], None] | None]],
+) -> Rate:
+    """(b) for a blocking client: ``n`` threads calling ``echo(1)`` one call at a time, each on
+    what ``open_echo()`` gives it: ``(echo, close or None)``."""
     counts = [0] * n
     stop = threading.Event()
     ready = threading.Barrier(n + 1, timeout=CONNECT_TIMEOUT)
@@ -748,12 +754,15 @@ def _pyro5_threads(api: Any, uri: str, n: int, s: EchoSettings, warmup: float) -
 
     def worker(i: int) -> None:
         try:
-            with api.Proxy(uri) as proxy:
-                proxy._pyroBind()
+            echo, close = open_echo()
+            try:
                 ready.wait()
                 while not stop.is_set():
-                    check(proxy.echo(1) == 1, "echo(1)")
+                    check(echo(1) == 1, "echo(1)")
                     counts[i] += 1
+            finally:
+                if close is not None:
+                    close()
         except BaseException as exc:
             errors.append(exc)
             stop.set()
@@ -772,6 +781,17 @@ def _pyro5_threads(api: Any, uri: str, n: int, s: EchoSettings, warmup: float) -
             t.join(CONNECT_TIMEOUT)
         if errors:
             raise errors[0]
+
+
+def _pyro5_threads(api: Any, uri: str, n: int, s: EchoSettings, warmup: float) -> Rate:
+    """(b) for Pyro5, which does not pipeline: ``n`` threads with a proxy each, one call at a time."""
+
+    def open_echo() -> tuple[Callable[[Any], Any], Callable[[], None]]:
+        proxy = api.Proxy(uri)
+        proxy._pyroBind()
+        return proxy.echo, proxy._pyroRelease
+
+    return threaded_echo_rate(n, s, warmup, open_echo)
 
 
 def pyro5_echo_client(

@@ -91,7 +91,6 @@ import dataclasses
 import os
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -114,7 +113,6 @@ from _harness import (
     best,
     by_name,
     check,
-    count_for,
     echo_tasks,
     emit_json,
     exit_on_sigterm,
@@ -130,6 +128,7 @@ from _harness import (
     requires,
     run_for,
     select_names,
+    threaded_echo_rate,
     versions,
     wait_for_termination,
 )
@@ -330,40 +329,12 @@ def _rpyc_threads(
 ) -> Rate:
     """(b) for RPyC: ``n`` threads calling echo(1), each on what ``open_echo()`` gives it:
     ``(echo, connection to close or None)``."""
-    counts = [0] * n
-    stop = threading.Event()
-    ready = threading.Barrier(n + 1, timeout=CONNECT_TIMEOUT)
-    errors: list[BaseException] = []
 
-    def worker(i: int) -> None:
-        try:
-            echo, conn = open_echo()
-            try:
-                ready.wait()
-                while not stop.is_set():
-                    check(echo(1) == 1, "echo(1)")
-                    counts[i] += 1
-            finally:
-                if conn is not None:
-                    conn.close()
-        except BaseException as exc:
-            errors.append(exc)
-            stop.set()
-            with contextlib.suppress(threading.BrokenBarrierError):
-                ready.abort()
+    def opened() -> tuple[Callable[[Any], Any], Callable[[], None] | None]:
+        echo, conn = open_echo()
+        return echo, (conn.close if conn is not None else None)
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    try:
-        ready.wait()
-        return count_for(lambda: sum(counts), s.duration, warmup)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(CONNECT_TIMEOUT)
-        if errors:
-            raise errors[0]
+    return threaded_echo_rate(n, s, warmup, opened)
 
 
 def _rpyc_client(tuned: bool, classic: bool) -> Callable[[int, EchoSettings], Figures]:

@@ -592,7 +592,7 @@ async def open_connection(
     options: Mapping[str, Any],
     session_class: type[Connection] = Connection,
 ) -> Connection:
-    """The shared body of :func:`connect` and ``rpc.classic.connect``."""
+    """The shared body of :func:`connect` and ``rpc.classic.connect`` (``path`` wins over ``port``)."""
     if options.get("accept_pickle", "refuse") != "refuse":
         raise ConfigurationError("RPC connections never accept pickles (B17)")
     pool = _Threads(4)
@@ -601,7 +601,7 @@ async def open_connection(
     )
     await _core.connect(
         host,
-        port,
+        port if path is None else None,
         path=path,
         secret=secret,
         ssl=ssl,
@@ -640,7 +640,7 @@ def connect(
     return _core._AwaitableContext(
         lambda: open_connection(
             host,
-            port if path is None else None,
+            port,
             service=service,
             classic=False,
             allow_public_attrs=allow_public_attrs,

@@ -324,7 +324,7 @@ def connect(
     async def open_() -> ClassicConnection:
         conn = await open_connection(
             host,
-            port if path is None else None,
+            port,
             service=Service,
             classic=True,
             allow_public_attrs=False,
