@@ -24,9 +24,11 @@
     │                                 (objects; also a builtin LookupError)
     ├── UnknownObjectError            no object with that id is registered in the daemon
     │                                 (objects; also a builtin LookupError)
-    └── ChannelEnded                  csp: the channel cannot be used any more
-        ├── ChannelPoisoned           ... it was poisoned (csp.poison)
-        └── ChannelRetired            ... every writer (or every reader) retired (csp.retire)
+    ├── ChannelEnded                  csp: the channel cannot be used any more
+    │   ├── ChannelPoisoned           ... it was poisoned (csp.poison)
+    │   └── ChannelRetired            ... every writer (or every reader) retired (csp.retire)
+    └── DeployError                   a role could not be started on a host over SSH: unreachable,
+                                      refused key, unknown host key, no Python (spawn)
 
 Timeouts are the builtin :class:`TimeoutError`, as raised by :func:`asyncio.timeout`.
 
@@ -59,6 +61,7 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionClosedError",
     "ConnectionClosedOK",
+    "DeployError",
     "NamingError",
     "NoWorkersError",
     "ProtocolError",
@@ -155,6 +158,18 @@ class NamingError(AsyncDistError, LookupError):
 
 class UnknownObjectError(AsyncDistError, LookupError):
     """The daemon has no object registered under the requested id (never registered, or gone)."""
+
+
+class DeployError(AsyncDistError):
+    """A role could not be started on a host: ``host`` names it and ``reason`` says why."""
+
+    def __init__(self, host: str, reason: str) -> None:
+        super().__init__(host, reason)
+        self.host = host
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.host}: {self.reason}"
 
 
 class ChannelEnded(AsyncDistError):
@@ -280,5 +295,6 @@ for _cls in (
     ChannelEnded,
     ChannelPoisoned,
     ChannelRetired,
+    DeployError,
 ):
     register_error(_cls)
