@@ -76,6 +76,7 @@ __all__ = [
     "ProtocolError",
     "Proxy",
     "RemoteError",
+    "SSHCluster",
     "SerializationError",
     "Server",
     "Stream",
@@ -105,3 +106,17 @@ __all__ = [
     "submit",
     "wait",
 ]
+
+#: Names imported on first use: SSHCluster pulls in asyncssh, which workers do not need.
+_LAZY = {"SSHCluster": "cluster"}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'asyncdist' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"asyncdist.{module}"), name)
+    globals()[name] = value
+    return value

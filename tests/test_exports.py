@@ -24,6 +24,8 @@ PUBLIC_MODULES = [
     "asyncdist.naming",
     "asyncdist.csp",
     "asyncdist.mapreduce",
+    "asyncdist.spawn",
+    "asyncdist.cluster",
     "asyncdist.rpc",
     "asyncdist.rpc.classic",
 ]
@@ -38,7 +40,10 @@ def test_package_all_matches_public_names() -> None:
         if not name.startswith("_")
         and not (isinstance(value, types.ModuleType) and value.__name__ == f"asyncdist.{name}")
     }
-    assert set(asyncdist.__all__) == public | {"__version__"}
+    lazy = set(asyncdist._LAZY)  # imported on first use (asyncssh is heavy for workers)
+    assert set(asyncdist.__all__) == (public - lazy) | lazy | {"__version__"}
+    for name in lazy:
+        assert getattr(asyncdist, name) is not None
     assert "__version__" in asyncdist.__all__
     assert sorted(asyncdist.__all__) == list(asyncdist.__all__)
 
