@@ -405,8 +405,77 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .futures._launch import launch
 
+    hosts = _launch_hosts(args)
+    if hosts is not None:
+        return launch(args.script, args.args, cluster=_ssh_cluster(args, hosts))
     workers = args.workers if args.workers is not None else _cpu_count()
     return launch(args.script, args.args, workers=workers, slots=args.slots)
+
+
+def _launch_hosts(args: argparse.Namespace) -> list[tuple[str, int | None]] | None:
+    """The hosts to run workers on: --hosts and --hostfile, else a batch scheduler's, else None."""
+    from .cluster import hosts_from_environment, parse_hostfile
+
+    hosts: list[tuple[str, int | None]] = [(h, None) for h in args.hosts or []]
+    if args.hostfile:
+        with open(args.hostfile) as f:
+            hosts += parse_hostfile(f.read())
+    if not hosts and not args.local:
+        hosts = hosts_from_environment(os.environ) or []
+    return hosts or None
+
+
+def _distribute(hosts: list[tuple[str, int | None]], total: int | None) -> dict[str, int | None]:
+    """Workers per host: the hostfile's counts, or ``total`` (``-n``) spread over the hosts in
+    order, filling each host up to its count first (as SCOOP does)."""
+    counts: dict[str, int | None] = {}
+    for name, count in hosts:
+        before = counts.get(name)
+        counts[name] = None if count is None and before is None else (before or 0) + (count or 0)
+    if total is None:
+        return counts
+    given = dict.fromkeys(counts, 0)
+    left = total
+    for name, count in counts.items():
+        take = min(left, count or 0)
+        given[name] += take
+        left -= take
+    names = list(counts)
+    for i in range(left):
+        given[names[i % len(names)]] += 1
+    return dict(given)
+
+
+def _ssh_cluster(args: argparse.Namespace, hosts: list[tuple[str, int | None]]) -> Any:
+    import contextlib
+
+    from .cluster import SSHCluster
+    from .spawn import Host
+
+    options: dict[str, Any] = {}
+    if args.ssh_config:
+        options["config"] = list(args.ssh_config)
+    counts = _distribute(hosts, args.workers)
+    defaults: dict[str, Any] = {"connect_options": options, "prolog": args.prolog}
+    if args.python:
+        defaults["python"] = args.python
+    targets = [Host.parse(name, **defaults) for name in counts]
+    per_host = {str(t): counts[name] for t, name in zip(targets, counts, strict=True)}
+
+    @contextlib.asynccontextmanager
+    async def cluster(script: str) -> Any:
+        async with SSHCluster(
+            targets,
+            workers_per_host={k: v for k, v in per_host.items() if v is not None},
+            paradigms=("futures",),
+            tunnel=args.tunnel,
+            worker_main=script,
+            slots=args.slots,
+            connect_timeout=args.connect_timeout,
+        ) as c:
+            yield c.broker, c.secret.encode()
+
+    return cluster
 
 
 def _cpu_count() -> int:
@@ -417,8 +486,29 @@ def _cpu_count() -> int:
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--workers", type=int, help="number of local workers (default: the CPU count)")
+    p.add_argument(
+        "-n",
+        "--workers",
+        type=int,
+        help="number of workers (default: the CPU count here, or of each host)",
+    )
     p.add_argument("--slots", type=int, default=1, help="threads per worker for plain functions (default 1)")
+    g = p.add_argument_group("other hosts (over SSH)")
+    g.add_argument(
+        "--hosts",
+        "--host",
+        dest="hosts",
+        action="append",
+        metavar="HOST",
+        help="run the workers on these hosts ([user@]host[:port]; --hosts h1 h2 ...)",
+    )
+    g.add_argument("--hostfile", help="SCOOP's hostfile: one 'host [count]' per line")
+    g.add_argument("--python", help="the Python on the hosts (absolute; default: this one's path)")
+    g.add_argument("--tunnel", action="store_true", help="workers reach the broker through SSH forwarding")
+    g.add_argument("--prolog", help="a shell command run on each host before its workers start")
+    g.add_argument("--ssh-config", action="append", help="an OpenSSH client config file (repeatable)")
+    g.add_argument("--connect-timeout", type=float, default=10.0, help="seconds per host (default 10)")
+    g.add_argument("--local", action="store_true", help="ignore a batch scheduler's host list")
     p.add_argument("script", help="the Python script to run as the root program")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the script")
 
@@ -556,7 +646,7 @@ def launcher_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _expand_hosts(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     if _is_launch(argv, parser):
         args = launcher_parser().parse_args(argv)
@@ -573,6 +663,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _expand_hosts(argv: list[str]) -> list[str]:
+    """``--hosts h1 h2 script.py`` -> ``--hosts h1 --hosts h2 script.py``: the host names end at
+    the next option or at the script (a word ending in .py or naming a file)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        out.append(word)
+        i += 1
+        if word != "--hosts":
+            continue
+        taken = 0
+        while i < len(argv) and not argv[i].startswith("-"):
+            if taken and (argv[i].endswith(".py") or os.path.isfile(argv[i])):
+                break
+            if taken:
+                out.append("--hosts")
+            out.append(argv[i])
+            taken += 1
+            i += 1
+    return out
 
 
 def _is_launch(argv: list[str], parser: argparse.ArgumentParser) -> bool:

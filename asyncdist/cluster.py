@@ -11,8 +11,8 @@
 
 On entering, the cluster starts on the launching machine a futures broker,
 a MapReduce master, a name server and a CSP channel server, all bound to
-``listen_host`` (by default the local address the first host routes to,
-found without sending anything) and authenticated by one shared secret
+``listen_host`` (by default this machine's address on its SSH connection
+to the first host) and authenticated by one shared secret
 (random unless given). It then starts, on every host at once over SSH
 (:mod:`asyncdist.spawn`), ``workers_per_host`` futures workers (one per
 core of that host by default) and one MapReduce slave, which connect back.
@@ -30,42 +30,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
+import re
 import secrets
-import socket
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any, Final, Literal
 
 import asyncssh
 
 from .csp import ChannelServer
-from .errors import DeployError
+from .errors import ConfigurationError, DeployError
 from .futures import Pool, serve_broker
 from .mapreduce import Master
 from .naming import NameServerDaemon
 from .server import Server
 from .spawn import Host, RemoteProcess, connect_host, spawn
 
-__all__ = ["SSHCluster"]
+__all__ = ["PARADIGMS", "SSHCluster", "hosts_from_environment", "parse_hostfile"]
+
+#: What an SSHCluster can serve (``paradigms=``); futures always.
+PARADIGMS: Final = ("futures", "mapreduce", "objects", "csp")
 
 log = logging.getLogger("asyncdist.cluster")
-
-
-def local_address_towards(host: str, port: int = 22) -> str:
-    """The local IP address this machine uses to reach ``host`` (no packet is sent)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except OSError as exc:
-        raise DeployError(host, f"cannot resolve: {exc}") from exc
-    family, _, _, _, address = infos[0]
-    ip = str(address[0])
-    if ipaddress.ip_address(ip).is_loopback:
-        return ip
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.connect(address)  # UDP: only picks the route
-        local: str = sock.getsockname()[0]
-    return local
 
 
 class SSHCluster:
@@ -77,14 +63,19 @@ class SSHCluster:
     :func:`asyncssh.connect` for every host given as a string (keys,
     ``known_hosts``, ``config``...). ``python`` is the interpreter on the
     hosts given as strings (an absolute path; default: this interpreter's
-    path). ``workers_per_host`` futures workers run on each host (default:
-    that host's core count).
+    path). ``workers_per_host`` futures workers run on each host (an int,
+    or a mapping from ``str(host)`` to a count; default: that host's core
+    count). ``paradigms`` chooses what the cluster serves besides futures;
+    ``tunnel=True`` serves everything on this machine's loopback and gives
+    each host's workers a remote port forward to the broker, for hosts that
+    cannot reach this machine (futures only, not MapReduce). Workers import
+    ``worker_main`` first (the launcher's script, at the same path there).
     """
 
     def __init__(
         self,
         hosts: Iterable[str | Host],
-        workers_per_host: int | None = None,
+        workers_per_host: int | Mapping[str, int] | None = None,
         connect_options: Mapping[str, Any] | None = None,
         *,
         python: str | None = None,
@@ -94,6 +85,9 @@ class SSHCluster:
         data_dir: str = "/tmp/asyncdist-mapreduce",
         connect_timeout: float = 10.0,
         on_host_error: Literal["raise", "skip"] = "raise",
+        paradigms: Collection[str] = PARADIGMS,
+        tunnel: bool = False,
+        worker_main: str | None = None,
     ) -> None:
         defaults: dict[str, Any] = {"connect_options": dict(connect_options or {})}
         if python is not None:
@@ -101,10 +95,22 @@ class SSHCluster:
         self.hosts: list[Host] = [h if isinstance(h, Host) else Host.parse(h, **defaults) for h in hosts]
         if not self.hosts:
             raise ValueError("an SSHCluster needs at least one host")
-        if workers_per_host is not None and workers_per_host < 1:
-            raise ValueError("workers_per_host must be at least 1")
+        counts = workers_per_host.values() if isinstance(workers_per_host, Mapping) else [workers_per_host]
+        if any(c is not None and c < 0 for c in counts):
+            raise ValueError("workers_per_host must not be negative")
         if on_host_error not in ("raise", "skip"):
             raise ValueError("on_host_error is 'raise' or 'skip'")
+        unknown = set(paradigms) - set(PARADIGMS)
+        if unknown or "futures" not in paradigms:
+            raise ValueError(f"paradigms is a subset of {PARADIGMS} with 'futures' in it")
+        if tunnel and "mapreduce" in paradigms:
+            raise ConfigurationError(
+                "MapReduce slaves fetch from each other directly, which SSH tunnels do not carry: "
+                "with tunnel=True, leave 'mapreduce' out of paradigms"
+            )
+        self.paradigms = frozenset(paradigms)
+        self.tunnel = tunnel
+        self.worker_main = worker_main
         self.workers_per_host = workers_per_host
         self.secret: str = (
             secret.decode() if isinstance(secret, bytes) else secret or secrets.token_urlsafe(32)
@@ -173,33 +179,67 @@ class SSHCluster:
         await self.aclose()
 
     async def _start(self) -> None:
-        listen = self.listen_host or local_address_towards(self.hosts[0].host, self.hosts[0].port or 22)
+        # Connect first: the local end of the first connection is the address the hosts reach.
+        results = await asyncio.gather(
+            *(connect_host(h, self.connect_timeout) for h in self.hosts), return_exceptions=True
+        )
+        connected: list[tuple[Host, asyncssh.SSHClientConnection]] = []
+        for host, result in zip(self.hosts, results, strict=True):
+            if isinstance(result, asyncssh.SSHClientConnection):
+                self._connections.append(result)
+                connected.append((host, result))
+            else:
+                self._host_failed(result)
+        if not connected:
+            raise DeployError(", ".join(str(h) for h in self.hosts), "no host could be reached")
+        if self.tunnel:
+            listen = "127.0.0.1"  # the hosts reach it through their SSH connection
+        else:
+            listen = self.listen_host or str(connected[0][1].get_extra_info("sockname")[0])
         self.listen_host = listen
         _, self._broker_server = await serve_broker(listen, 0, secret=self.secret)
-        self._master = await Master.start(listen, 0, secret=self.secret)
-        self._ns = NameServerDaemon(listen, 0, self.secret)
-        await self._ns.start()
-        self._csp = await ChannelServer.start(listen, 0, secret=self.secret)
-        results = await asyncio.gather(*(self._start_host(h) for h in self.hosts), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for error in errors:
-            if not isinstance(error, DeployError) or self.on_host_error == "raise":
-                raise error
-            log.warning("leaving out %s", error)
-            self.failed.append(error)
+        if "mapreduce" in self.paradigms:
+            self._master = await Master.start(listen, 0, secret=self.secret)
+        if "objects" in self.paradigms:
+            self._ns = NameServerDaemon(listen, 0, self.secret)
+            await self._ns.start()
+        if "csp" in self.paradigms:
+            self._csp = await ChannelServer.start(listen, 0, secret=self.secret)
+        outcomes = await asyncio.gather(
+            *(self._start_host(h, c) for h, c in connected), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                self._host_failed(outcome)
         if not self.processes:
             raise DeployError(", ".join(str(h) for h in self.hosts), "no host could be started")
 
-    async def _start_host(self, host: Host) -> None:
-        conn = await connect_host(host, self.connect_timeout)
+    def _host_failed(self, error: BaseException) -> None:
+        if not isinstance(error, DeployError) or self.on_host_error == "raise":
+            raise error
+        log.warning("leaving out %s", error)
+        self.failed.append(error)
+
+    async def _start_host(self, host: Host, conn: asyncssh.SSHClientConnection) -> None:
         started: list[RemoteProcess] = []
         try:
-            count = self.workers_per_host or await self._cores(conn, host)
-            roles: list[Sequence[str]] = [
-                ("worker", "--broker", self.broker, "--slots", str(self.slots), "--name", f"{host}/{i}")
-                for i in range(count)
-            ]
-            roles.append(("slave", "--master", self.master, "--data-dir", self.data_dir, "--host", host.host))
+            wanted = self.workers_per_host
+            count = wanted.get(str(host)) if isinstance(wanted, Mapping) else wanted
+            if count is None:
+                count = await self._cores(conn, host)
+            broker = self.broker
+            if self.tunnel:
+                assert self._broker_server is not None
+                listener = await conn.forward_remote_port("127.0.0.1", 0, *self._broker_server.tcp_address)
+                broker = f"127.0.0.1:{listener.get_port()}"
+            worker = ["worker", "--broker", broker, "--slots", str(self.slots)]
+            if self.worker_main:
+                worker += ["--main", self.worker_main]
+            roles: list[Sequence[str]] = [[*worker, "--name", f"{host}/{i}"] for i in range(count)]
+            if self._master is not None:
+                roles.append(
+                    ("slave", "--master", self.master, "--data-dir", self.data_dir, "--host", host.host)
+                )
             for role in roles:
                 started.append(
                     await spawn(
@@ -213,10 +253,8 @@ class SSHCluster:
                 )
         except BaseException:
             await asyncio.gather(*(p.stop(timeout=2.0) for p in started), return_exceptions=True)
-            conn.close()
             raise
         self.processes[str(host)] = started
-        self._connections.append(conn)
 
     @staticmethod
     async def _cores(conn: asyncssh.SSHClientConnection, host: Host) -> int:
@@ -253,3 +291,60 @@ class SSHCluster:
         if self._broker_server is not None:
             await self._broker_server.aclose()
             self._broker_server = None
+
+
+def parse_hostfile(text: str) -> list[tuple[str, int | None]]:
+    """SCOOP's hostfile: ``host [count]`` per line; ``#`` starts a comment."""
+    hosts: list[tuple[str, int | None]] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) > 2 or (len(words) == 2 and not words[1].isdigit()):
+            raise ValueError(f"hostfile line {number}: expected 'host [count]', got {raw.strip()!r}")
+        hosts.append((words[0], int(words[1]) if len(words) == 2 else None))
+    return hosts
+
+
+def _expand_slurm(nodelist: str) -> list[str]:
+    """``node[01-03,7],gpu1`` -> node01 node02 node03 node7 gpu1 (SLURM's compressed host list)."""
+    hosts: list[str] = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if m is None:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for item in ranges.split(","):
+            lo, _, hi = item.partition("-")
+            if hi:
+                width = len(lo)
+                hosts += [f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1)]
+            else:
+                hosts.append(f"{prefix}{lo}{suffix}")
+    return hosts
+
+
+def hosts_from_environment(environ: Mapping[str, str]) -> list[tuple[str, int | None]] | None:
+    """The hosts of the batch job this process runs in (SLURM, PBS/Torque or SGE), or None.
+
+    Counts are the slots the scheduler gave each host.
+    """
+    if "SLURM_JOB_NODELIST" in environ or "SLURM_NODELIST" in environ:
+        names = _expand_slurm(environ.get("SLURM_JOB_NODELIST") or environ["SLURM_NODELIST"])
+        tasks = environ.get("SLURM_TASKS_PER_NODE", "")
+        counts: list[int | None] = []
+        for item in tasks.split(","):  # "2(x3),1" -> 2 2 2 1
+            m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+            if m:
+                counts += [int(m[1])] * int(m[2] or 1)
+        return [(n, counts[i] if i < len(counts) else None) for i, n in enumerate(names)]
+    if "PBS_NODEFILE" in environ:
+        with open(environ["PBS_NODEFILE"]) as f:
+            lines = [line.strip() for line in f if line.strip()]
+        return [(n, lines.count(n)) for n in dict.fromkeys(lines)]
+    if "PE_HOSTFILE" in environ:
+        with open(environ["PE_HOSTFILE"]) as f:
+            rows = [line.split() for line in f if line.strip()]
+        return [(row[0], int(row[1])) for row in rows if len(row) >= 2 and row[1].isdigit()]
+    return None

@@ -82,6 +82,8 @@ class Host:
     cwd: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     connect_options: Mapping[str, Any] = field(default_factory=dict)
+    #: A shell command run first, in the same shell (``. ~/env.sh``, ``module load python``).
+    prolog: str | None = None
 
     @classmethod
     def parse(cls, spec: str, **defaults: Any) -> Host:
@@ -285,6 +287,8 @@ def remote_command(host: Host, role: str, args: Sequence[str]) -> str:
     words = ["exec", "env", *(f"{k}={v}" for k, v in host.env.items())]
     words += [python, "-u", "-m", "asyncdist.spawn", "--child", role, *args]
     command = " ".join(shlex.quote(w) for w in words)
+    if host.prolog:
+        command = f"{host.prolog} && {command}"
     if host.cwd:
         command = f"cd {shlex.quote(host.cwd)} && {command}"
     return command

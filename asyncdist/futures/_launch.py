@@ -13,11 +13,14 @@ process behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import runpy
 import sys
 import threading
 import traceback
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from .. import loop as _loop
@@ -27,15 +30,28 @@ from ._client import Pool
 __all__ = ["launch"]
 
 
-class _Cluster(threading.Thread):
-    """A local pool served from its own thread and event loop."""
+#: Makes the cluster the script runs on, given the script's path: an async context manager
+#: that yields the broker's ``HOST:PORT`` and the secret.
+ClusterFactory = Callable[[str], AbstractAsyncContextManager[tuple[str, bytes]]]
 
-    def __init__(self, workers: int, slots: int, script: str, pool_options: dict[str, Any]) -> None:
+
+@contextlib.asynccontextmanager
+async def _local_cluster(
+    script: str, workers: int, slots: int, pool_options: dict[str, Any]
+) -> AsyncIterator[tuple[str, bytes]]:
+    async with Pool(workers=workers, slots=slots, main=script, **pool_options) as pool:
+        assert pool.address is not None
+        assert pool.secret is not None
+        yield pool.address, pool.secret
+
+
+class _Cluster(threading.Thread):
+    """The script's cluster, served from its own thread and event loop."""
+
+    def __init__(self, factory: ClusterFactory, script: str) -> None:
         super().__init__(name="asyncdist-launcher", daemon=True)
-        self.workers = workers
-        self.slots = slots
+        self.factory = factory
         self.script = script
-        self.pool_options = pool_options
         self.ready = threading.Event()
         self.address: str | None = None
         self.secret: bytes | None = None
@@ -56,10 +72,9 @@ class _Cluster(threading.Thread):
 
     async def _serve(self) -> None:
         self._stop_event = asyncio.Event()
-        pool = Pool(workers=self.workers, slots=self.slots, main=self.script, **self.pool_options)
-        async with pool:
-            self.address = pool.address
-            self.secret = pool.secret
+        async with self.factory(self.script) as (address, secret):
+            self.address = address
+            self.secret = secret
             self.ready.set()
             await self._stop_event.wait()
 
@@ -72,20 +87,33 @@ class _Cluster(threading.Thread):
                 pass  # the loop already finished
 
 
-def launch(script: str, args: list[str], *, workers: int, slots: int = 1, **pool_options: Any) -> int:
-    """Run ``script`` with ``args`` on a fresh local cluster; return its exit status."""
+def launch(
+    script: str,
+    args: list[str],
+    *,
+    workers: int = 0,
+    slots: int = 1,
+    cluster: ClusterFactory | None = None,
+    **pool_options: Any,
+) -> int:
+    """Run ``script`` with ``args`` on a fresh cluster; return its exit status.
+
+    The cluster is ``workers`` local worker processes, or what ``cluster``
+    makes (the SSH launcher passes one that starts workers on other hosts).
+    """
     script = os.path.abspath(script)
     if not os.path.isfile(script):
         print(f"asyncdist: error: no such script: {script}", file=sys.stderr)
         return 2
-    cluster = _Cluster(workers, slots, script, pool_options)
-    cluster.start()
-    cluster.ready.wait()
-    if cluster.error is not None or cluster.address is None or cluster.secret is None:
-        print(f"asyncdist: error: could not start the cluster: {cluster.error}", file=sys.stderr)
-        cluster.join()
+    factory: ClusterFactory = cluster or (lambda path: _local_cluster(path, workers, slots, pool_options))
+    thread = _Cluster(factory, script)
+    thread.start()
+    thread.ready.wait()
+    if thread.error is not None or thread.address is None or thread.secret is None:
+        print(f"asyncdist: error: could not start the cluster: {thread.error}", file=sys.stderr)
+        thread.join()
         return 1
-    _client._launcher = (cluster.address, cluster.secret, script)
+    _client._launcher = (thread.address, thread.secret, script)
     old_argv, old_path = sys.argv[:], sys.path[:]
     sys.argv = [script, *args]
     sys.path.insert(0, os.path.dirname(script))
@@ -102,8 +130,8 @@ def launch(script: str, args: list[str], *, workers: int, slots: int = 1, **pool
     finally:
         _client._launcher = None
         sys.argv, sys.path[:] = old_argv, old_path
-        cluster.stop()
-        cluster.join()
+        thread.stop()
+        thread.join()
     return status
 
 
