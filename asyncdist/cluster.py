@@ -237,8 +237,10 @@ class SSHCluster:
                 worker += ["--main", self.worker_main]
             roles: list[Sequence[str]] = [[*worker, "--name", f"{host}/{i}"] for i in range(count)]
             if self._master is not None:
+                # The slave serves its data on the address this machine reached the host at.
+                address = str(conn.get_extra_info("peername")[0])
                 roles.append(
-                    ("slave", "--master", self.master, "--data-dir", self.data_dir, "--host", host.host)
+                    ("slave", "--master", self.master, "--data-dir", self.data_dir, "--host", address)
                 )
             for role in roles:
                 started.append(
