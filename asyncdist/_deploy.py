@@ -458,7 +458,7 @@ def _tail(text: str, lines: int = 8) -> str:
 async def _run(
     conn: asyncssh.SSHClientConnection, host: str, step: str, command: str
 ) -> asyncssh.SSHCompletedProcess:
-    log.debug("%s: %s: %s", host, step, command)
+    log.debug("%s: %s", host, step)
     try:
         return await conn.run(command, check=False, encoding="utf-8", errors="replace")
     except (asyncssh.Error, OSError) as exc:

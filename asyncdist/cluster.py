@@ -239,9 +239,9 @@ class SSHCluster:
             if self._master is not None:
                 # The slave serves its data on the address this machine reached the host at.
                 address = str(conn.get_extra_info("peername")[0])
-                roles.append(
-                    ("slave", "--master", self.master, "--data-dir", self.data_dir, "--host", address)
-                )
+                # One directory per host: hosts may share a file system (NFS homes, or test hosts).
+                data_dir = f"{self.data_dir}/{re.sub(r'[^A-Za-z0-9_.-]', '_', str(host))}"
+                roles.append(("slave", "--master", self.master, "--data-dir", data_dir, "--host", address))
             for role in roles:
                 started.append(
                     await spawn(
