@@ -89,6 +89,8 @@ _TEMP_PREFIX: Final = "asyncdist-"
 _TEMP_NAME: Final = re.compile(r"^asyncdist-[A-Za-z0-9]{10}$")
 _MARKER_FILE: Final = ".asyncdist-deploy"
 _PROBE_MARKER: Final = "asyncdist-probe "
+#: The first line of each remote command: its login shell's pid, which is its process group.
+_PID_MARKER: Final = "asyncdist-deploy-pid "
 #: Run by the remote Python: one line describing it, whether asyncdist imports or not.
 _PROBE: Final = """\
 import json, platform, sys
@@ -328,6 +330,10 @@ def _repack_installed(dist: importlib.metadata.Distribution, directory: Path) ->
             members.append((file.as_posix(), local.read_bytes(), _mode(local)))
         except OSError as exc:
             raise DeployError(_LOCAL, f"cannot make {what}: {exc}") from exc
+    if not any(name.split("/")[0] != dist_info for name, _, _ in members):
+        raise DeployError(
+            _LOCAL, f"cannot make {what}: none of its files is in its site directory (editable?)"
+        )
     python_tags, abi_tags, platform_tags = ({t.split("-")[i]: None for t in tags} for i in range(3))
     tag = "-".join(".".join(part) for part in (python_tags, abi_tags, platform_tags))
     stem = dist_info.removesuffix(".dist-info")
@@ -455,42 +461,190 @@ def _tail(text: str, lines: int = 8) -> str:
     return "\n".join(kept)
 
 
-async def _run(
-    conn: asyncssh.SSHClientConnection, host: str, step: str, command: str
-) -> asyncssh.SSHCompletedProcess:
-    log.debug("%s: %s", host, step)
-    try:
-        return await conn.run(command, check=False, encoding="utf-8", errors="replace")
-    except (asyncssh.Error, OSError) as exc:
-        raise DeployError(host, f"{step}: {exc}") from exc
+def _is_our_name(tempdir: str) -> bool:
+    return (
+        posixpath.isabs(tempdir)
+        and posixpath.normpath(tempdir) == tempdir
+        and bool(_TEMP_NAME.match(posixpath.basename(tempdir)))
+    )
 
 
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else ""
+@dataclass(frozen=True)
+class _Done:
+    exit_status: int | None
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return _tail(self.stderr + "\n" + self.stdout)
 
 
-async def _probe(
-    conn: asyncssh.SSHClientConnection, host: str, python: str, prefix: str, step: str
-) -> dict[str, Any]:
-    """What the Python at ``python`` is, and whether (which) asyncdist it imports."""
-    done = await _run(conn, host, step, f"{prefix}{shlex.quote(python)} -c {shlex.quote(_PROBE)}")
-    stdout, stderr = _text(done.stdout), _text(done.stderr)
-    for line in stdout.splitlines():
-        if line.startswith(_PROBE_MARKER):
-            try:
-                info = json.loads(line[len(_PROBE_MARKER) :])
-            except ValueError:
-                break
-            if isinstance(info, dict):
-                return info
-    tail = _tail(stderr or stdout)
-    if done.exit_status == 127 or "No such file or directory" in tail:
-        reason = f"no Python at {python}"
-    elif done.exit_status == 126:
-        reason = f"{python} cannot be executed"
-    else:
-        reason = f"{step}: {python} failed (exit status {done.exit_status})"
-    raise DeployError(host, reason + (f"\n{tail}" if tail else ""))
+class _Session:
+    """Runs the steps on one host: names the step under way, and can kill what it runs there.
+
+    Each command's login shell prints its pid first; OpenSSH makes it the
+    leader of its own session and process group, so ``kill -KILL -- -PGID``
+    over another channel stops the whole step (for root logins too, where
+    OpenSSH ignores signal requests). Closing the channel would not: the
+    process would go on, orphaned.
+    """
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, host: str) -> None:
+        self.conn = conn
+        self.host = host
+        self.step = ""
+        self._pgid: int | None = None
+
+    def error(self, reason: str, output: str = "") -> DeployError:
+        return DeployError(self.host, reason + (f"\n{output}" if output else ""))
+
+    async def run(self, step: str, command: str) -> _Done:
+        """Run ``command`` through the login shell (stdin closed); its exit status and output."""
+        self.step = step
+        log.debug("%s: %s", self.host, step)
+        try:
+            proc = await self.conn.create_process(
+                f"echo {_PID_MARKER}$$; {command}", encoding="utf-8", errors="replace"
+            )
+        except (asyncssh.Error, OSError) as exc:
+            raise self.error(f"{step}: {exc}") from exc
+        try:
+            proc.stdin.write_eof()
+            head = []
+            while line := await proc.stdout.readline():
+                if line.startswith(_PID_MARKER):  # lines before it come from the login shell's rc files
+                    with contextlib.suppress(ValueError):
+                        self._pgid = int(line[len(_PID_MARKER) :])
+                    break
+                head.append(line)
+            stdout, stderr = await proc.communicate()
+        except (asyncssh.Error, OSError) as exc:
+            raise self.error(f"{step}: {exc}") from exc
+        finally:
+            proc.close()
+        self._pgid = None
+        return _Done(proc.exit_status, "".join(head) + str(stdout or ""), str(stderr or ""))
+
+    async def kill_running(self) -> None:
+        """Kill the process group of an interrupted step, if any (best effort, a few seconds at most)."""
+        pgid, self._pgid = self._pgid, None
+        if pgid is None or pgid <= 1:
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5.0):
+                await self.conn.run(f"kill -KILL -- -{pgid}", check=False)
+
+    async def probe(self, step: str, python: str, prefix: str) -> dict[str, Any]:
+        """What the Python at ``python`` is, and whether (which) asyncdist it imports."""
+        done = await self.run(step, f"{prefix}{shlex.quote(python)} -c {shlex.quote(_PROBE)}")
+        for line in done.stdout.splitlines():
+            if line.startswith(_PROBE_MARKER):
+                with contextlib.suppress(ValueError):
+                    info = json.loads(line[len(_PROBE_MARKER) :])
+                    if isinstance(info, dict):
+                        return info
+        if done.exit_status == 127:
+            reason = f"no Python at {python}"
+        elif done.exit_status == 126:
+            reason = f"{python} cannot be executed"
+        elif prefix.startswith("cd ") and "cd:" in done.output:
+            reason = f"{step}: cannot change to the working directory"
+        else:
+            reason = f"{step}: {python} failed (exit status {done.exit_status})"
+        raise self.error(reason, done.output)
+
+    async def make_tempdir(self) -> str:
+        """``$TMPDIR/asyncdist-XXXXXXXXXX`` (mode 0700) with ``wheels/`` and the marker file."""
+        script = (
+            'root="${TMPDIR:-/tmp}"; root="${root%/}"; umask 077'
+            f' && d=$(mktemp -d "$root/{_TEMP_PREFIX}XXXXXXXXXX")'
+            f' && mkdir "$d/wheels" && echo "made by asyncdist" > "$d/{_MARKER_FILE}" && echo "$d"'
+        )
+        done = await self.run("making a temporary directory", f"sh -c {shlex.quote(script)}")
+        words = done.stdout.split()
+        tempdir = words[-1] if words else ""
+        if done.exit_status != 0 or not _is_our_name(tempdir):
+            raise self.error(f"{self.step} failed (exit status {done.exit_status})", done.output)
+        return tempdir
+
+    async def upload(self, wheels: Sequence[Path], to: str) -> None:
+        self.step = f"uploading {len(wheels)} wheels over SFTP"
+        log.debug("%s: %s", self.host, self.step)
+        try:
+            async with self.conn.start_sftp_client() as sftp:
+                await sftp.put([str(w) for w in wheels], to)
+        except (asyncssh.Error, OSError) as exc:
+            raise self.error(f"{self.step}: {exc}") from exc
+
+    async def remove_tempdir(self, tempdir: str) -> None:
+        """``rm -rf`` a directory that :meth:`make_tempdir` made; refuse any other."""
+        if not _is_our_name(tempdir):
+            raise self.error(f"refusing to remove {tempdir!r}: not a directory asyncdist makes")
+        script = (
+            'd="$1"; root="${TMPDIR:-/tmp}"; root="${root%/}"'
+            '; [ "${d%/*}" = "$root" ] || exit 3'
+            '; [ -e "$d" ] || [ -L "$d" ] || exit 0'
+            f'; [ -d "$d" ] && [ ! -L "$d" ] && [ -f "$d/{_MARKER_FILE}" ] || exit 4'
+            '; rm -rf -- "$d"'
+        )
+        command = f"sh -c {shlex.quote(script)} sh {shlex.quote(tempdir)}"
+        done = await self.run(f"removing {tempdir}", command)
+        if done.exit_status == 3:
+            raise self.error(f"refusing to remove {tempdir}: not in the host's temporary directory")
+        if done.exit_status == 4:
+            raise self.error(f"refusing to remove {tempdir}: it has no {_MARKER_FILE} marker")
+        if done.exit_status != 0:
+            raise self.error(f"cannot remove {tempdir} (exit status {done.exit_status})", done.output)
+
+    async def deploy(
+        self, python: str, prefix: str, env_prefix: str, wheels: Sequence[Path], tempdir: str
+    ) -> str:
+        """Upload, make the venv, install, check; the venv's Python.
+
+        The venv and pip run in ``tempdir`` with the role's environment
+        (``env_prefix``); the check runs as a role would (``prefix``: its
+        working directory too).
+        """
+        q = shlex.quote
+        wheel_dir, venv = f"{tempdir}/wheels", f"{tempdir}/venv"
+        venv_python = f"{venv}/bin/python"
+        timer = time.perf_counter()
+        await self.upload(wheels, wheel_dir)
+        log.debug("%s: upload took %.2f s", self.host, time.perf_counter() - timer)
+
+        # With pip's wheel at hand: no ensurepip (Debian's python3-venv); pip runs from its wheel.
+        pip_wheels = [w.name for w in wheels if (_wheel_name_version(w.name) or ("",))[0] == "pip"]
+        without_pip = " --without-pip" if pip_wheels else ""
+        command = f"cd {q(tempdir)} && {env_prefix}{q(python)} -m venv{without_pip} {q(venv)}"
+        done = await self.run("creating a venv", command)
+        if done.exit_status != 0:
+            if "ensurepip" in done.output:
+                reason = "ensurepip/venv not available: install python3-venv"
+            elif "No module named venv" in done.output:
+                reason = f"the venv module is not available for {python}: install python3-venv"
+            else:
+                reason = f"{self.step} failed (exit status {done.exit_status})"
+            raise self.error(reason, done.output)
+        log.debug("%s: venv made after %.2f s", self.host, time.perf_counter() - timer)
+
+        pip = [venv_python, f"{wheel_dir}/{pip_wheels[0]}/pip"] if pip_wheels else [venv_python, "-m", "pip"]
+        arguments = ["install", "--isolated", "--no-index", "--find-links", wheel_dir, "--only-binary=:all:"]
+        arguments += ["--no-cache-dir", "--disable-pip-version-check", "--no-warn-script-location"]
+        arguments += ["--quiet", f"{_PROJECT}=={__version__}"]
+        command = f"cd {q(tempdir)} && PIP_CONFIG_FILE=/dev/null {env_prefix}{shlex.join([*pip, *arguments])}"
+        done = await self.run("installing asyncdist with pip", command)
+        if done.exit_status != 0:
+            raise self.error(
+                f"pip install asyncdist failed there (exit status {done.exit_status})", done.output
+            )
+        log.debug("%s: installed after %.2f s", self.host, time.perf_counter() - timer)
+
+        info = await self.probe("checking the venv's Python", venv_python, prefix)
+        if info.get("asyncdist") != __version__:
+            error = info.get("asyncdist_error") or f"version {info.get('asyncdist')}"
+            raise self.error(f"the new venv's Python does not import asyncdist {__version__}: {error}")
+        return venv_python
 
 
 def _describe(info: Mapping[str, Any]) -> str:
@@ -527,7 +681,7 @@ def _platform_fits(tag: str, machine: str, libc: tuple[str, tuple[int, ...]]) ->
     elif modern is not None:
         need, arch = (int(modern[1]), int(modern[2])), modern[3]
     elif tag.startswith("musllinux_"):
-        return libc[0] not in ("glibc",) and tag.endswith("_" + machine)
+        return libc[0] != "glibc" and tag.endswith("_" + machine)
     elif tag.startswith("linux_"):
         return tag == f"linux_{machine}"
     else:
@@ -546,119 +700,6 @@ def _check_wheels_fit(host: str, info: Mapping[str, Any], wheels: Sequence[Path]
         if not any(_platform_fits(tag, machine, libc) for tag in platforms):
             have = f"{name} {version}".strip() or "an unknown libc"
             raise DeployError(host, f"cannot ship {wheel.name}: the host has {have} on {machine}")
-
-
-async def _make_tempdir(conn: asyncssh.SSHClientConnection, host: str, step: str) -> str:
-    script = (
-        'root="${TMPDIR:-/tmp}"; root="${root%/}"; umask 077'
-        f' && d=$(mktemp -d "$root/{_TEMP_PREFIX}XXXXXXXXXX")'
-        f' && mkdir "$d/wheels" && echo "made by asyncdist" > "$d/{_MARKER_FILE}" && echo "$d"'
-    )
-    done = await _run(conn, host, step, f"sh -c {shlex.quote(script)}")
-    lines = _text(done.stdout).split()
-    tempdir = lines[-1] if lines else ""
-    if done.exit_status != 0 or not _is_our_name(tempdir):
-        raise DeployError(
-            host, f"{step} failed (exit status {done.exit_status})\n{_tail(_text(done.stderr))}"
-        )
-    return tempdir
-
-
-def _is_our_name(tempdir: str) -> bool:
-    return (
-        posixpath.isabs(tempdir)
-        and posixpath.normpath(tempdir) == tempdir
-        and bool(_TEMP_NAME.match(posixpath.basename(tempdir)))
-    )
-
-
-async def _upload(
-    conn: asyncssh.SSHClientConnection, host: str, step: str, wheels: Sequence[Path], to: str
-) -> None:
-    try:
-        async with conn.start_sftp_client() as sftp:
-            await sftp.put([str(w) for w in wheels], to)
-    except (asyncssh.Error, OSError) as exc:
-        raise DeployError(host, f"{step}: {exc}") from exc
-
-
-async def _remove_tempdir(conn: asyncssh.SSHClientConnection, host: str, tempdir: str) -> None:
-    if not _is_our_name(tempdir):
-        raise DeployError(host, f"refusing to remove {tempdir!r}: not a directory asyncdist makes")
-    script = (
-        'd="$1"; root="${TMPDIR:-/tmp}"; root="${root%/}"'
-        '; [ "${d%/*}" = "$root" ] || exit 3'
-        '; [ -e "$d" ] || [ -L "$d" ] || exit 0'
-        f'; [ -d "$d" ] && [ ! -L "$d" ] && [ -f "$d/{_MARKER_FILE}" ] || exit 4'
-        '; rm -rf -- "$d"'
-    )
-    done = await _run(
-        conn, host, f"removing {tempdir}", f"sh -c {shlex.quote(script)} sh {shlex.quote(tempdir)}"
-    )
-    if done.exit_status == 3:
-        raise DeployError(host, f"refusing to remove {tempdir}: not in the host's temporary directory")
-    if done.exit_status == 4:
-        raise DeployError(host, f"refusing to remove {tempdir}: it has no {_MARKER_FILE} marker")
-    if done.exit_status != 0:
-        tail = _tail(_text(done.stderr))
-        raise DeployError(host, f"cannot remove {tempdir} (exit status {done.exit_status})\n{tail}")
-
-
-async def _deploy(
-    conn: asyncssh.SSHClientConnection,
-    host: str,
-    python: str,
-    prefix: str,
-    wheels: Sequence[Path],
-    tempdir: str,
-    steps: list[str],
-) -> str:
-    """Upload, make the venv, install, check; the venv's Python. ``steps[-1]`` names the current step."""
-    q = shlex.quote
-    wheel_dir, venv = f"{tempdir}/wheels", f"{tempdir}/venv"
-    venv_python = f"{venv}/bin/python"
-    timer = time.perf_counter()
-
-    steps.append(f"uploading {len(wheels)} wheels over SFTP")
-    await _upload(conn, host, steps[-1], wheels, wheel_dir)
-    log.debug("%s: upload took %.2f s", host, time.perf_counter() - timer)
-
-    pip_wheels = [w.name for w in wheels if (_wheel_name_version(w.name) or ("",))[0] == "pip"]
-    # With pip's wheel at hand: no ensurepip (Debian's python3-venv), and pip runs from the wheel.
-    steps.append("creating a venv")
-    without_pip = " --without-pip" if pip_wheels else ""
-    done = await _run(conn, host, steps[-1], f"cd {q(tempdir)} && {q(python)} -m venv{without_pip} {q(venv)}")
-    if done.exit_status != 0:
-        tail = _tail(_text(done.stderr) + _text(done.stdout))
-        if "ensurepip" in tail:
-            reason = "ensurepip/venv not available: install python3-venv"
-        elif "No module named venv" in tail:
-            reason = f"the venv module is not available for {python}: install python3-venv"
-        else:
-            reason = f"{steps[-1]} failed (exit status {done.exit_status})"
-        raise DeployError(host, f"{reason}\n{tail}")
-    log.debug("%s: venv made after %.2f s", host, time.perf_counter() - timer)
-
-    steps.append("installing asyncdist with pip")
-    pip = [venv_python, f"{wheel_dir}/{pip_wheels[0]}/pip"] if pip_wheels else [venv_python, "-m", "pip"]
-    arguments = ["install", "--isolated", "--no-index", "--find-links", wheel_dir, "--only-binary=:all:"]
-    arguments += ["--no-cache-dir", "--disable-pip-version-check", "--no-warn-script-location", "--quiet"]
-    arguments.append(f"{_PROJECT}=={__version__}")
-    command = f"cd {q(tempdir)} && PIP_CONFIG_FILE=/dev/null " + shlex.join([*pip, *arguments])
-    done = await _run(conn, host, steps[-1], command)
-    if done.exit_status != 0:
-        tail = _tail(_text(done.stderr) + _text(done.stdout))
-        raise DeployError(
-            host, f"pip install asyncdist failed there (exit status {done.exit_status})\n{tail}"
-        )
-    log.debug("%s: installed after %.2f s", host, time.perf_counter() - timer)
-
-    steps.append("checking the venv's Python")
-    info = await _probe(conn, host, venv_python, prefix, steps[-1])
-    if info.get("asyncdist") != __version__:
-        error = info.get("asyncdist_error") or f"version {info.get('asyncdist')}"
-        raise DeployError(host, f"the new venv's Python does not import asyncdist {__version__}: {error}")
-    return venv_python
 
 
 async def ensure_remote_python(
@@ -688,43 +729,49 @@ async def ensure_remote_python(
     the wheelhouse here is not counted. Raises :class:`DeployError` naming
     ``host_label`` and the failed step: no Python at that path, a Python the
     wheels do not fit, no SFTP, venv or pip failures, timeout. On any
-    failure, and on cancellation, the directory made there is removed.
+    failure, and on cancellation, the step under way there is killed (its
+    process group) and the directory made there is removed (best effort,
+    within a few seconds more).
     """
     if not posixpath.isabs(python):
         raise ValueError(f"the Python of {host_label} must be an absolute path, not {python!r}")
     prefix = _shell_prefix(cwd, env)
+    session = _Session(conn, host_label)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    steps = [f"probing {python}"]
-    try:
-        async with asyncio.timeout_at(deadline):
-            info = await _probe(conn, host_label, python, prefix, steps[-1])
-    except TimeoutError:
-        raise DeployError(host_label, f"{steps[-1]}: no answer within {timeout:g} s") from None
-    found = info.get("asyncdist")
-    if found is not None and (found == __version__ or not match_version):
-        log.debug("%s: %s has asyncdist %s", host_label, python, found)
-        return RemoteEnv(python, None, host_label)
-    why = f"asyncdist {found} there, {__version__} here" if found else info.get("asyncdist_error")
-    log.info("%s: shipping asyncdist to %s (%s)", host_label, python, why)
-    _check_interpreter(host_label, python, info)
-    started = loop.time()
-    wheels = list(wheelhouse) if wheelhouse is not None else await asyncio.to_thread(build_wheelhouse)
-    deadline += loop.time() - started
-    _check_wheels_fit(host_label, info, wheels)
     tempdir: str | None = None
     try:
         async with asyncio.timeout_at(deadline):
-            steps.append("making a temporary directory")
-            tempdir = await _make_tempdir(conn, host_label, steps[-1])
-            venv_python = await _deploy(conn, host_label, python, prefix, wheels, tempdir, steps)
+            info = await session.probe(f"probing {python}", python, prefix)
+        found = info.get("asyncdist")
+        if found is not None and (found == __version__ or not match_version):
+            log.debug("%s: %s has asyncdist %s", host_label, python, found)
+            return RemoteEnv(python, None, host_label)
+        why = f"asyncdist {found} there, {__version__} here" if found else info.get("asyncdist_error")
+        log.info("%s: shipping asyncdist to %s (%s)", host_label, python, why)
+        _check_interpreter(host_label, python, info)
+        started = loop.time()
+        if wheelhouse is not None:
+            wheels = list(wheelhouse)
+        else:
+            try:
+                wheels = await asyncio.to_thread(build_wheelhouse)
+            except DeployError as exc:
+                raise DeployError(host_label, f"cannot build the wheelhouse here: {exc.reason}") from exc
+        deadline += loop.time() - started
+        _check_wheels_fit(host_label, info, wheels)
+        async with asyncio.timeout_at(deadline):
+            tempdir = await session.make_tempdir()
+            venv_python = await session.deploy(python, prefix, _shell_prefix(None, env), wheels, tempdir)
     except BaseException as exc:
+        step = session.step
+        await session.kill_running()
         if tempdir is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(10.0):
-                    await _remove_tempdir(conn, host_label, tempdir)
+                    await session.remove_tempdir(tempdir)
         if isinstance(exc, TimeoutError):
-            raise DeployError(host_label, f"{steps[-1]}: not done within {timeout:g} s") from None
+            raise DeployError(host_label, f"{step}: not done within {timeout:g} s") from None
         raise
     return RemoteEnv(venv_python, tempdir, host_label)
 
@@ -741,11 +788,15 @@ async def cleanup_remote(conn: asyncssh.SSHClientConnection, env: RemoteEnv, tim
     if env.tempdir is None:
         return
     host = env.host or str(conn.get_extra_info("peername", ("?",))[0])
+    session = _Session(conn, host)
     try:
         async with asyncio.timeout(timeout):
-            await _remove_tempdir(conn, host, env.tempdir)
-    except TimeoutError:
-        raise DeployError(host, f"removing {env.tempdir}: not done within {timeout:g} s") from None
+            await session.remove_tempdir(env.tempdir)
+    except BaseException as exc:
+        await session.kill_running()
+        if isinstance(exc, TimeoutError):
+            raise DeployError(host, f"removing {env.tempdir}: not done within {timeout:g} s") from None
+        raise
 
 
 @contextlib.asynccontextmanager
@@ -754,17 +805,30 @@ async def remote_python(
     host_label: str,
     python: str,
     timeout: float,
-    **options: Any,
+    *,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+    wheelhouse: Sequence[Path] | None = None,
+    match_version: bool = True,
 ) -> AsyncIterator[RemoteEnv]:
-    """:func:`ensure_remote_python` on entry, :func:`cleanup_remote` on exit.
+    """:func:`ensure_remote_python` on entry, :func:`cleanup_remote` on exit (same arguments).
 
     A failure to clean up is raised only when the body succeeded.
     """
-    env = await ensure_remote_python(conn, host_label, python, timeout, **options)
+    remote = await ensure_remote_python(
+        conn,
+        host_label,
+        python,
+        timeout,
+        cwd=cwd,
+        env=env,
+        wheelhouse=wheelhouse,
+        match_version=match_version,
+    )
     try:
-        yield env
+        yield remote
     except BaseException:
         with contextlib.suppress(DeployError):
-            await cleanup_remote(conn, env)
+            await cleanup_remote(conn, remote)
         raise
-    await cleanup_remote(conn, env)
+    await cleanup_remote(conn, remote)

@@ -18,10 +18,12 @@ guard:
   explicit :meth:`RemoteProcess.stop` can kill the whole group over a second
   channel (``kill -TERM -- -PGID``, then ``-KILL``): that works for root
   logins too, where OpenSSH ignores signal requests;
-* the role ends when its stdin closes (SIGTERM, then SIGKILL to its group
-  after a grace period): that is what happens when the launcher closes the
-  channel, exits or loses the connection, so no remote process outlives its
-  launcher (F27, F28 of the reliability checklist);
+* the guard leads the process group and runs the role as its child: when
+  the channel's stdin closes it stops the role (SIGTERM, then SIGKILL after
+  a grace period), and when the role ends it ends every other process of the
+  group. Stdin closes when the launcher closes the channel, exits or loses
+  the connection, so no remote process outlives its launcher (F27, F28 of
+  the reliability checklist);
 * remote stdout and stderr come back line by line, prefixed with the host.
 
 Connections use asyncssh's defaults (``~/.ssh/config``, the agent, key files,
@@ -57,7 +59,8 @@ __all__ = ["ROLES", "Host", "RemoteProcess", "connect_host", "spawn"]
 ROLES: Final = ("worker", "slave", "ns", "broker", "master", "csp-server", "rpc", "rpc-classic")
 _MARKER: Final = "asyncdist-spawn"
 _MARKER_LINE: Final = re.compile(r"^asyncdist-spawn pid=(\d+) pgid=(\d+)$")
-#: Seconds a role gets to stop after SIGTERM before its group is killed (remote side).
+_ROLE_LINE: Final = re.compile(r"^asyncdist-spawn role=(\d+)$")
+#: Seconds a role gets to stop after SIGTERM before it is killed (remote side).
 CHILD_GRACE: Final = 5.0
 _ENV_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -153,9 +156,11 @@ class RemoteProcess:
         self._proc = proc
         self._output = output
         self._own_connection = own_connection
-        #: The remote process id and process group (known once it started).
+        #: The remote guard's process id, which is also the role's process group, and the
+        #: role's own process id (its child), known once it started.
         self.pid: int | None = None
         self.pgid: int | None = None
+        self.role_pid: int | None = None
         self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._readers = [
             asyncio.ensure_future(self._read(proc.stdout, "stdout")),
@@ -173,10 +178,12 @@ class RemoteProcess:
         try:
             async for line in stream:
                 line = line.rstrip("\n")
-                if name == "stdout" and self.pid is None:
-                    m = _MARKER_LINE.match(line)
-                    if m is not None:
+                if name == "stdout" and self.role_pid is None and line.startswith(_MARKER):
+                    if (m := _MARKER_LINE.match(line)) is not None:
                         self.pid, self.pgid = int(m[1]), int(m[2])
+                        continue
+                    if (m := _ROLE_LINE.match(line)) is not None:
+                        self.role_pid = int(m[1])
                         if not self._started.done():
                             self._started.set_result(None)
                         continue
@@ -188,12 +195,20 @@ class RemoteProcess:
             pass
         finally:
             if name == "stdout" and not self._started.done():
-                self._started.set_exception(self._start_failure())
+                # The exit status and the last stderr lines come after stdout's end: wait a little.
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(2.0):
+                        await self._proc.wait_closed()
+                        await self._readers[1]
+                if not self._started.done():
+                    self._started.set_exception(self._start_failure())
 
     def _start_failure(self) -> DeployError:
         tail = "\n".join(self._stderr_tail[-5:])
         code = self._proc.exit_status
-        if code == 127 or "No such file or directory" in tail:
+        if "cd: " in tail and self.host.cwd:
+            reason = f"cannot enter the working directory {self.host.cwd}"
+        elif code == 127 or (code is not None and "No such file or directory" in tail):
             reason = f"no Python at {self._python}: exit status {code}"
         elif "No module named" in tail and "asyncdist" in tail:
             reason = f"asyncdist is not installed for {self._python}"
@@ -345,36 +360,92 @@ def _read_line_from_stdin() -> str:
     return data.decode().strip()
 
 
-def _watch_stdin(grace: float) -> None:
-    """Stop this process (SIGTERM, then SIGKILL to its group) once stdin closes."""
+def _watch_stdin(closed: threading.Event) -> None:
     try:
         while os.read(0, 4096):
             pass
     except OSError:
         pass
-    with contextlib.suppress(OSError):
-        os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(grace)
-    with contextlib.suppress(OSError):
-        os.killpg(os.getpgid(0), signal.SIGKILL)
+    closed.set()
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The other processes of process group ``pgid`` (from /proc; empty where there is none)."""
+    me, found = os.getpid(), []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append(int(entry))
+    return found
+
+
+def _end_group(pgid: int, grace: float) -> None:
+    """SIGTERM every other process of the group, then SIGKILL what is left after ``grace``."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
+        members = _group_members(pgid)
+        for pid in members:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while members and time.monotonic() < deadline:
+            time.sleep(0.05)
+            members = _group_members(pgid)
+        if not members:
+            return
 
 
 def child_main(argv: Sequence[str]) -> int:
-    """``python -m asyncdist.spawn --child ROLE ARGS``: run one role under the guard."""
+    """``python -m asyncdist.spawn --child ROLE ARGS``: run one role under the guard.
+
+    The guard leads the process group and runs ``asyncdist ROLE ARGS`` as
+    its child. When its stdin closes it stops the role (SIGTERM, SIGKILL
+    after :data:`CHILD_GRACE`); when the role ends, for whatever reason, it
+    ends every other process of the group too, so nothing the role started
+    outlives it. It exits with the role's status.
+    """
+    import subprocess
+
     if not argv or argv[0] not in ROLES:
         print(f"asyncdist.spawn: --child takes a role: {', '.join(ROLES)}", file=sys.stderr)
         return 2
     with contextlib.suppress(OSError):
         if os.getpgid(0) != os.getpid():
             os.setpgid(0, 0)  # its own group, so that stop() kills it and its children together
-    print(f"{_MARKER} pid={os.getpid()} pgid={os.getpgid(0)}", flush=True)
+    pgid = os.getpgid(0)
+    print(f"{_MARKER} pid={os.getpid()} pgid={pgid}", flush=True)
     secret = _read_line_from_stdin()
+    env = dict(os.environ)
     if secret:
-        os.environ["ASYNCDIST_SECRET"] = secret  # read by the role; never on a command line
-    threading.Thread(target=_watch_stdin, args=(CHILD_GRACE,), name="asyncdist-stdin", daemon=True).start()
-    from .cli import main
-
-    return main(list(argv))
+        env["ASYNCDIST_SECRET"] = secret  # for the role only; never on a command line
+    closed = threading.Event()
+    threading.Thread(target=_watch_stdin, args=(closed,), name="asyncdist-stdin", daemon=True).start()
+    role = subprocess.Popen([sys.executable, "-m", "asyncdist", *argv], stdin=subprocess.DEVNULL, env=env)
+    print(f"{_MARKER} role={role.pid}", flush=True)
+    try:
+        while role.poll() is None:
+            if closed.wait(0.1):
+                role.terminate()
+                try:
+                    role.wait(CHILD_GRACE)
+                except subprocess.TimeoutExpired:
+                    role.kill()
+                    role.wait()
+    finally:
+        if role.poll() is None:
+            role.kill()
+            role.wait()
+        _end_group(pgid, grace=2.0)
+    return role.returncode if role.returncode >= 0 else 128 - role.returncode
 
 
 if __name__ == "__main__":
