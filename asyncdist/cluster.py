@@ -16,8 +16,11 @@ to the first host) and authenticated by one shared secret
 (random unless given). It then starts, on every host at once over SSH
 (:mod:`asyncdist.spawn`), ``workers_per_host`` futures workers (one per
 core of that host by default) and one MapReduce slave, which connect back.
-Leaving stops the remote roles first (their stdin closes; their process
-groups are killed if they linger), then the local servers. It needs only a
+A host whose Python lacks this version of asyncdist gets it in a temporary
+venv, shipped over SFTP and removed on leaving (zero-install, see
+:func:`asyncdist.spawn.prepare_python`). Leaving stops the remote roles
+first (their stdin closes; their process groups are killed if they linger),
+then the local servers. It needs only a
 running event loop, so it works from a notebook too.
 
 A host that cannot be reached or started raises
@@ -38,13 +41,14 @@ from typing import Any, Final, Literal
 
 import asyncssh
 
+from ._deploy import RemoteEnv, cleanup_remote
 from .csp import ChannelServer
 from .errors import ConfigurationError, DeployError
 from .futures import Pool, serve_broker
 from .mapreduce import Master
 from .naming import NameServerDaemon
 from .server import Server
-from .spawn import Host, RemoteProcess, connect_host, spawn
+from .spawn import Host, RemoteProcess, connect_host, prepare_python, spawn
 
 __all__ = ["PARADIGMS", "SSHCluster", "hosts_from_environment", "parse_hostfile"]
 
@@ -130,6 +134,7 @@ class SSHCluster:
         self._csp: ChannelServer | None = None
         self._pools: list[Pool] = []
         self._connections: list[asyncssh.SSHClientConnection] = []
+        self._deployed: list[tuple[asyncssh.SSHClientConnection, RemoteEnv]] = []
 
     # -- addresses -----------------------------------------------------------------------
 
@@ -222,6 +227,9 @@ class SSHCluster:
 
     async def _start_host(self, host: Host, conn: asyncssh.SSHClientConnection) -> None:
         started: list[RemoteProcess] = []
+        label = str(host)
+        host, deployed = await prepare_python(conn, host)  # zero-install, once per host
+        self._deployed.append((conn, deployed))
         try:
             wanted = self.workers_per_host
             count = wanted.get(str(host)) if isinstance(wanted, Mapping) else wanted
@@ -251,12 +259,13 @@ class SSHCluster:
                         secret=self.secret,
                         connect_timeout=self.connect_timeout,
                         connection=conn,
+                        install=False,
                     )
                 )
         except BaseException:
             await asyncio.gather(*(p.stop(timeout=2.0) for p in started), return_exceptions=True)
             raise
-        self.processes[str(host)] = started
+        self.processes[label] = started
 
     @staticmethod
     async def _cores(conn: asyncssh.SSHClientConnection, host: Host) -> int:
@@ -275,6 +284,8 @@ class SSHCluster:
         procs = [p for ps in self.processes.values() for p in ps]
         await asyncio.gather(*(p.stop() for p in procs), return_exceptions=True)
         self.processes.clear()
+        deployed, self._deployed = self._deployed, []
+        await asyncio.gather(*(cleanup_remote(c, d) for c, d in deployed), return_exceptions=True)
         for conn in self._connections:
             conn.close()
             with contextlib.suppress(Exception):

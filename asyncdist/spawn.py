@@ -46,14 +46,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import asyncssh
 
+from ._deploy import RemoteEnv, cleanup_remote, ensure_remote_python
 from .errors import DeployError
 
-__all__ = ["ROLES", "Host", "RemoteProcess", "connect_host", "spawn"]
+__all__ = ["ROLES", "Host", "RemoteProcess", "connect_host", "prepare_python", "spawn"]
 
 #: The roles a host can run (``asyncdist ROLE ...``).
 ROLES: Final = ("worker", "slave", "ns", "broker", "master", "csp-server", "rpc", "rpc-classic")
@@ -63,6 +64,10 @@ _ROLE_LINE: Final = re.compile(r"^asyncdist-spawn role=(\d+)$")
 #: Seconds a role gets to stop after SIGTERM before it is killed (remote side).
 CHILD_GRACE: Final = 5.0
 _ENV_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: Seconds to ship asyncdist to a host that lacks it (the wheelhouse build here not counted).
+DEPLOY_TIMEOUT: Final = 120.0
+#: The Python tried on a host where this interpreter's path does not exist (zero-install).
+FALLBACK_PYTHON: Final = "/usr/bin/python3"
 
 
 @dataclass(frozen=True)
@@ -150,8 +155,10 @@ class RemoteProcess:
         proc: asyncssh.SSHClientProcess[str],
         output: Output,
         own_connection: bool,
+        deployed: RemoteEnv | None = None,
     ) -> None:
         self.host = host
+        self._deployed = deployed
         self._conn = conn
         self._proc = proc
         self._output = output
@@ -275,6 +282,10 @@ class RemoteProcess:
         for reader in self._readers:
             reader.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
+        deployed, self._deployed = self._deployed, None
+        if deployed is not None and not self._conn.is_closed():
+            with contextlib.suppress(Exception):
+                await cleanup_remote(self._conn, deployed)
         if self._own_connection:
             self._conn.close()
             with contextlib.suppress(Exception):
@@ -309,6 +320,29 @@ def remote_command(host: Host, role: str, args: Sequence[str]) -> str:
     return command
 
 
+async def prepare_python(
+    conn: asyncssh.SSHClientConnection, host: Host, timeout: float = DEPLOY_TIMEOUT
+) -> tuple[Host, RemoteEnv]:
+    """``host`` with a Python there that runs this asyncdist, and how it was found (zero-install).
+
+    The host's own Python (``host.python``, by default this interpreter's
+    path, then :data:`FALLBACK_PYTHON` if that path does not exist there)
+    is used when it imports this version of asyncdist; otherwise asyncdist
+    and its dependencies are shipped to a temporary venv there (see
+    :mod:`asyncdist._deploy`), which :func:`cleanup_remote` removes.
+    """
+    python = host.python or sys.executable
+    try:
+        env = await ensure_remote_python(conn, str(host), python, timeout, cwd=host.cwd, env=host.env)
+    except DeployError as exc:
+        if host.python is not None or not exc.reason.startswith("no Python"):
+            raise
+        env = await ensure_remote_python(
+            conn, str(host), FALLBACK_PYTHON, timeout, cwd=host.cwd, env=host.env
+        )
+    return replace(host, python=env.python), env
+
+
 async def spawn(
     host: Host | str,
     role: str,
@@ -317,6 +351,7 @@ async def spawn(
     connect_timeout: float = 10.0,
     output: Output | None = None,
     connection: asyncssh.SSHClientConnection | None = None,
+    install: bool = True,
 ) -> RemoteProcess:
     """Start ``asyncdist ROLE ARGS`` on ``host``; return once it runs (its pid is known).
 
@@ -324,22 +359,32 @@ async def spawn(
     ``--secret-file``/``--secret-stdin`` too). ``output(host, stream, line)``
     gets each line the role prints (default: this process's stdout/stderr,
     prefixed ``[host]``). ``connection`` reuses an SSH connection (it is not
-    closed on stop). Raises :class:`DeployError` naming the host if it cannot
-    be reached or the role does not start within ``connect_timeout``.
+    closed on stop). With ``install`` (the default), a host whose Python
+    lacks asyncdist gets it first, in a temporary venv removed on stop
+    (:func:`prepare_python`). Raises :class:`DeployError` naming the host if
+    it cannot be reached or the role does not start within ``connect_timeout``.
     """
     h = host if isinstance(host, Host) else Host.parse(host)
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
-    command = remote_command(h, role, args)
+    remote_command(h, role, args)  # check the arguments before connecting
     own = connection is None
     conn = connection if connection is not None else await connect_host(h, connect_timeout)
+    deployed: RemoteEnv | None = None
     try:
-        proc = await conn.create_process(command, encoding="utf-8", errors="replace")
-    except (asyncssh.Error, OSError) as exc:
+        if install:
+            h, deployed = await prepare_python(conn, h)
+        proc = await conn.create_process(remote_command(h, role, args), encoding="utf-8", errors="replace")
+    except BaseException as exc:
+        if deployed is not None:
+            with contextlib.suppress(Exception):
+                await cleanup_remote(conn, deployed)
         if own:
             conn.close()
-        raise DeployError(str(h), f"cannot start a process: {exc}") from exc
-    remote = RemoteProcess(h, conn, proc, output or _default_output, own)
+        if isinstance(exc, asyncssh.Error | OSError):
+            raise DeployError(str(h), f"cannot start a process: {exc}") from exc
+        raise
+    remote = RemoteProcess(h, conn, proc, output or _default_output, own, deployed)
     key = secret.encode() if isinstance(secret, str) else secret
     proc.stdin.write((key.decode() if key else "") + "\n")
     try:
