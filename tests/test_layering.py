@@ -72,7 +72,18 @@ def test_paradigms_do_not_import_each_other() -> None:
 
 
 def test_core_modules_import_no_paradigm() -> None:
-    for module in ("frames", "codec", "protocol", "security", "loop", "connection", "server", "errors"):
+    for module in (
+        "frames",
+        "codec",
+        "protocol",
+        "security",
+        "loop",
+        "connection",
+        "server",
+        "errors",
+        "spawn",
+        "_deploy",
+    ):
         for name in _imports(module):
             other = name.removeprefix("asyncdist.").split(".")[0]
             assert other not in PARADIGMS, f"asyncdist.{module} imports {name}"
