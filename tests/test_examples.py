@@ -21,10 +21,22 @@ EXPECTED = {
     "map_reduce.py": ["with result: 2646700", "map python executed in"],
     "recurse.py": ["4096 leaves from depth 12"],
     "callbacks.py": ["as_completed: 25", "wait: [0, 1, 4] done, 0 pending", "cancelled: True"],
+    "ssh_cluster.py": [
+        "cluster up: 1 host(s)",
+        "pi is about 3.1",
+        "'the' appears 3 times",
+        "hello cluster",
+        "through the channel server",
+        "cluster down",
+    ],
 }
 # How each example is run: the launcher with 2 workers (the README's main command) or plain.
 LAUNCH = {"pi.py", "map_reduce.py", "recurse.py"}
 ARGS = {"map_reduce.py": ["200"]}
+#: Examples that need a real SSH host (the loopback sshd of .ci/ssh-test-host.sh: SSH_TEST_CONFIG).
+SSH = {"ssh_cluster.py"}
+if "SSH_TEST_CONFIG" in os.environ:
+    ARGS["ssh_cluster.py"] = ["--ssh-config", os.environ["SSH_TEST_CONFIG"], "ssh-test-host"]
 
 
 def test_every_example_has_expectations() -> None:
@@ -33,6 +45,8 @@ def test_every_example_has_expectations() -> None:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_example_runs(name: str) -> None:
+    if name in SSH and name not in ARGS:
+        pytest.skip("needs the loopback sshd: bash .ci/ssh-test-host.sh start, then eval what it prints")
     prefix = ["-m", "asyncdist", "-n", "2"] if name in LAUNCH else []
     result = subprocess.run(
         [sys.executable, *prefix, str(EXAMPLES / name), *ARGS.get(name, [])],
