@@ -157,7 +157,9 @@ class RemoteProcess:
         own_connection: bool,
         deployed: RemoteEnv | None = None,
     ) -> None:
+        #: The host as given to :func:`spawn`, and the Python the role runs with there.
         self.host = host
+        self.python = host.python or sys.executable
         self._deployed = deployed
         self._conn = conn
         self._proc = proc
@@ -216,16 +218,12 @@ class RemoteProcess:
         if "cd: " in tail and self.host.cwd:
             reason = f"cannot enter the working directory {self.host.cwd}"
         elif code == 127 or (code is not None and "No such file or directory" in tail):
-            reason = f"no Python at {self._python}: exit status {code}"
+            reason = f"no Python at {self.python}: exit status {code}"
         elif "No module named" in tail and "asyncdist" in tail:
-            reason = f"asyncdist is not installed for {self._python}"
+            reason = f"asyncdist is not installed for {self.python}"
         else:
             reason = f"the role did not start (exit status {code})"
         return DeployError(str(self.host), reason + (f"\n{tail}" if tail else ""))
-
-    @property
-    def _python(self) -> str:
-        return self.host.python or sys.executable
 
     async def wait_started(self, timeout: float) -> None:
         try:
@@ -364,7 +362,7 @@ async def spawn(
     (:func:`prepare_python`). Raises :class:`DeployError` naming the host if
     it cannot be reached or the role does not start within ``connect_timeout``.
     """
-    h = host if isinstance(host, Host) else Host.parse(host)
+    given = h = host if isinstance(host, Host) else Host.parse(host)
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
     remote_command(h, role, args)  # check the arguments before connecting
@@ -384,7 +382,8 @@ async def spawn(
         if isinstance(exc, asyncssh.Error | OSError):
             raise DeployError(str(h), f"cannot start a process: {exc}") from exc
         raise
-    remote = RemoteProcess(h, conn, proc, output or _default_output, own, deployed)
+    remote = RemoteProcess(given, conn, proc, output or _default_output, own, deployed)
+    remote.python = h.python or sys.executable
     key = secret.encode() if isinstance(secret, str) else secret
     proc.stdin.write((key.decode() if key else "") + "\n")
     try:

@@ -70,7 +70,7 @@ async def test_a_spawned_role_runs_from_a_temporary_venv_removed_on_stop() -> No
         made = _ours() - before
         assert len(made) == 1, made
         tempdir = made.pop()
-        assert proc.host.python == f"{tempdir}/venv/bin/python"
+        assert proc.python == f"{tempdir}/venv/bin/python"
         assert proc.role_pid is not None
         with open(f"/proc/{proc.role_pid}/cmdline", "rb") as f:
             assert f.read().split(b"\0")[0].decode() == f"{tempdir}/venv/bin/python"
