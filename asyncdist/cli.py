@@ -672,6 +672,8 @@ def _expand_hosts(argv: list[str]) -> list[str]:
     i = 0
     while i < len(argv):
         word = argv[i]
+        if not word.startswith("-") and (word.endswith(".py") or os.path.isfile(word)):
+            return out + argv[i:]  # the script: what follows are its own arguments
         out.append(word)
         i += 1
         if word != "--hosts":
@@ -694,10 +696,21 @@ def _is_launch(argv: list[str], parser: argparse.ArgumentParser) -> bool:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             commands.update(action.choices)
+    takes_value = {
+        option
+        for action in launcher_parser()._actions
+        if action.option_strings and action.nargs != 0
+        for option in action.option_strings
+    }
+    skip = False
     for arg in argv:
+        if skip:  # the value of a launcher option (a host may be named like a command)
+            skip = False
+            continue
         if arg in ("-h", "--help", "--version"):
             return False
         if arg.startswith("-"):
+            skip = arg in takes_value
             continue
         return arg not in commands
     return False

@@ -99,6 +99,10 @@ class SSHCluster:
         self.hosts: list[Host] = [h if isinstance(h, Host) else Host.parse(h, **defaults) for h in hosts]
         if not self.hosts:
             raise ValueError("an SSHCluster needs at least one host")
+        labels = [str(h) for h in self.hosts]
+        if len(set(labels)) != len(labels):
+            twice = sorted({label for label in labels if labels.count(label) > 1})
+            raise ValueError(f"hosts listed twice: {', '.join(twice)} (give workers_per_host instead)")
         counts = workers_per_host.values() if isinstance(workers_per_host, Mapping) else [workers_per_host]
         if any(c is not None and c < 0 for c in counts):
             raise ValueError("workers_per_host must not be negative")
@@ -191,9 +195,10 @@ class SSHCluster:
         connected: list[tuple[Host, asyncssh.SSHClientConnection]] = []
         for host, result in zip(self.hosts, results, strict=True):
             if isinstance(result, asyncssh.SSHClientConnection):
-                self._connections.append(result)
+                self._connections.append(result)  # all of them first: aclose() closes them
                 connected.append((host, result))
-            else:
+        for result in results:
+            if not isinstance(result, asyncssh.SSHClientConnection):
                 self._host_failed(result)
         if not connected:
             raise DeployError(", ".join(str(h) for h in self.hosts), "no host could be reached")
@@ -314,7 +319,7 @@ def parse_hostfile(text: str) -> list[tuple[str, int | None]]:
         if not words:
             continue
         if len(words) > 2 or (len(words) == 2 and not words[1].isdigit()):
-            raise ValueError(f"hostfile line {number}: expected 'host [count]', got {raw.strip()!r}")
+            raise ConfigurationError(f"hostfile line {number}: expected 'host [count]', got {raw.strip()!r}")
         hosts.append((words[0], int(words[1]) if len(words) == 2 else None))
     return hosts
 
