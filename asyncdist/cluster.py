@@ -348,8 +348,9 @@ def hosts_from_environment(environ: Mapping[str, str]) -> list[tuple[str, int | 
 
     Counts are the slots the scheduler gave each host.
     """
-    if "SLURM_JOB_NODELIST" in environ or "SLURM_NODELIST" in environ:
-        names = _expand_slurm(environ.get("SLURM_JOB_NODELIST") or environ["SLURM_NODELIST"])
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if nodelist:
+        names = _expand_slurm(nodelist)
         tasks = environ.get("SLURM_TASKS_PER_NODE", "")
         counts: list[int | None] = []
         for item in tasks.split(","):  # "2(x3),1" -> 2 2 2 1

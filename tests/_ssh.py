@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -214,3 +215,92 @@ async def run_until(predicate: Callable[[], bool], timeout: float) -> bool:
     except TimeoutError:
         return predicate()
     return True
+
+
+# -- hosts by name, through an OpenSSH client config (the launcher's --ssh-config) ------------------
+
+
+@dataclass(frozen=True)
+class SSHSite:
+    """A set of test hosts reachable by their ``Host`` aliases in one OpenSSH client config."""
+
+    id: str
+    #: The ``Host`` aliases (what ``--hosts`` and a hostfile name).
+    names: list[str]
+    #: Each host's address (the server address in its sessions' ``SSH_CONNECTION``).
+    ips: list[str]
+    #: What ``socket.gethostname()`` says on each host.
+    hostnames: list[str]
+    config: str
+    netns: bool
+
+    def name_of_ip(self, ip: str) -> str:
+        return self.names[self.ips.index(ip)]
+
+
+def config_aliases(path: str) -> list[str]:
+    """The ``Host`` aliases an OpenSSH client config defines (wildcards left out)."""
+    aliases: list[str] = []
+    with open(path) as f:
+        for line in f:
+            words = line.split()
+            if len(words) > 1 and words[0].lower() == "host":
+                aliases += [w for w in words[1:] if not any(c in w for c in "*?!")]
+    return aliases
+
+
+def sites_from_environment() -> list[SSHSite]:
+    """The loopback sshd (``SSH_TEST_*``) and the namespace hosts (``NETNS_HOSTS_*``), by alias."""
+    e = os.environ
+    sites: list[SSHSite] = []
+    if "SSH_TEST_CONFIG" in e and "SSH_TEST_HOST" in e:
+        import socket
+
+        alias = config_aliases(e["SSH_TEST_CONFIG"])[:1]
+        sites.append(
+            SSHSite(
+                "loopback", alias, [e["SSH_TEST_HOST"]], [socket.gethostname()], e["SSH_TEST_CONFIG"], False
+            )
+        )
+    if "NETNS_HOSTS_CONFIG" in e and "NETNS_HOSTS_NAMES" in e:
+        names = e["NETNS_HOSTS_NAMES"].split()
+        sites.append(
+            SSHSite("netns", names, e["NETNS_HOSTS_IPS"].split(), names, e["NETNS_HOSTS_CONFIG"], True)
+        )
+    return sites
+
+
+# -- remote processes found by a mark in their environment ------------------------------------------
+
+
+def pids_with_env(name: str, value: str) -> list[int]:
+    """Live processes whose environment holds ``NAME=VALUE`` (set through ``Host.env`` or a prolog)."""
+    needle = f"{name}={value}".encode()
+    return [p for p in all_pids() if needle in read_proc(p, "environ").split(b"\0") and alive(p)]
+
+
+def is_guard(pid: int, role: str | None = None) -> bool:
+    """``pid`` is a spawn guard (``python -m asyncdist.spawn --child ROLE ...``), of ``role`` if given."""
+    words = read_proc(pid, "cmdline").split(b"\0")
+    if b"asyncdist.spawn" not in words or b"--child" not in words:
+        return False
+    i = words.index(b"--child")
+    return role is None or words[i + 1 : i + 2] == [role.encode()]
+
+
+def ssh_server_ip(pid: int) -> str | None:
+    """The server address of the SSH session ``pid`` runs in (which host started it)."""
+    words = environ(pid).get("SSH_CONNECTION", "").split()
+    return words[2] if len(words) == 4 else None
+
+
+def settle(name: str, value: str, timeout: float = 10.0) -> None:
+    """Wait (scaled, blocking: for fixture teardowns) until no process carries ``NAME=VALUE``.
+
+    A test that failed may leave roles whose SSH connection just closed: they end by
+    themselves within their guard's grace period, which a teardown gives them before it
+    kills what is left.
+    """
+    deadline = time.monotonic() + timeout * SCALE
+    while pids_with_env(name, value) and time.monotonic() < deadline:
+        time.sleep(0.05)
