@@ -45,6 +45,7 @@ from ._deploy import RemoteEnv, cleanup_remote
 from .csp import ChannelServer
 from .errors import ConfigurationError, DeployError
 from .futures import Pool, serve_broker
+from .futures._broker import Broker
 from .mapreduce import Master
 from .naming import NameServerDaemon
 from .server import Server
@@ -132,6 +133,8 @@ class SSHCluster:
         self.failed: list[DeployError] = []
         #: The remote roles, per host.
         self.processes: dict[str, list[RemoteProcess]] = {}
+        self._broker: Broker | None = None
+        self._worker_names: list[str] = []
         self._broker_server: Server | None = None
         self._master: Master | None = None
         self._ns: NameServerDaemon | None = None
@@ -207,7 +210,7 @@ class SSHCluster:
         else:
             listen = self.listen_host or str(connected[0][1].get_extra_info("sockname")[0])
         self.listen_host = listen
-        _, self._broker_server = await serve_broker(listen, 0, secret=self.secret)
+        self._broker, self._broker_server = await serve_broker(listen, 0, secret=self.secret)
         if "mapreduce" in self.paradigms:
             self._master = await Master.start(listen, 0, secret=self.secret)
         if "objects" in self.paradigms:
@@ -223,6 +226,25 @@ class SSHCluster:
                 self._host_failed(outcome)
         if not self.processes:
             raise DeployError(", ".join(str(h) for h in self.hosts), "no host could be started")
+        await self._wait_for_workers()
+
+    async def _wait_for_workers(self) -> None:
+        """Until every remote worker joined the broker: a host whose workers cannot connect back
+        (a firewall, a wrong address) is a DeployError now, not a map that waits forever."""
+        assert self._broker is not None
+        expected = set(self._worker_names)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self._broker.wait_for_workers(len(expected))
+        except TimeoutError:
+            joined = {w["name"] for w in self._broker.status()["workers"]}
+            missing = sorted(expected - joined)
+            hosts = sorted({name.rpartition("/")[0] for name in missing})
+            raise DeployError(
+                ", ".join(hosts),
+                f"workers did not connect back to the broker at {self.broker} within "
+                f"{self.connect_timeout:g} s (can the hosts reach this machine? else tunnel=True)",
+            ) from None
 
     def _host_failed(self, error: BaseException) -> None:
         if not isinstance(error, DeployError) or self.on_host_error == "raise":
@@ -248,7 +270,8 @@ class SSHCluster:
             worker = ["worker", "--broker", broker, "--slots", str(self.slots)]
             if self.worker_main:
                 worker += ["--main", self.worker_main]
-            roles: list[Sequence[str]] = [[*worker, "--name", f"{host}/{i}"] for i in range(count)]
+            names = [f"{label}/{i}" for i in range(count)]
+            roles: list[Sequence[str]] = [[*worker, "--name", name] for name in names]
             if self._master is not None:
                 # The slave serves its data on the address this machine reached the host at.
                 address = str(conn.get_extra_info("peername")[0])
@@ -271,6 +294,7 @@ class SSHCluster:
             await asyncio.gather(*(p.stop(timeout=2.0) for p in started), return_exceptions=True)
             raise
         self.processes[label] = started
+        self._worker_names.extend(names)
 
     @staticmethod
     async def _cores(conn: asyncssh.SSHClientConnection, host: Host) -> int:
@@ -289,6 +313,7 @@ class SSHCluster:
         procs = [p for ps in self.processes.values() for p in ps]
         await asyncio.gather(*(p.stop() for p in procs), return_exceptions=True)
         self.processes.clear()
+        self._worker_names.clear()
         deployed, self._deployed = self._deployed, []
         await asyncio.gather(*(cleanup_remote(c, d) for c, d in deployed), return_exceptions=True)
         for conn in self._connections:
@@ -309,6 +334,7 @@ class SSHCluster:
         if self._broker_server is not None:
             await self._broker_server.aclose()
             self._broker_server = None
+            self._broker = None
 
 
 def parse_hostfile(text: str) -> list[tuple[str, int | None]]:

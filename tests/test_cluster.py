@@ -406,6 +406,26 @@ async def test_unreachable_namespace_host_with_raise_is_a_deploy_error_within_th
     assert pids_with_env(MARK, mark) == []
 
 
+async def test_workers_that_cannot_connect_back_are_a_deploy_error(netns: list[SSHHost], mark: str) -> None:
+    """Listening on 127.0.0.1 here, the namespace hosts' workers connect to their own loopback:
+    entering fails, naming the hosts, instead of a first map that waits forever."""
+    hosts = marked(netns[:2], mark)
+    t0 = time.monotonic()
+    with pytest.raises(DeployError) as caught:
+        async with SSHCluster(
+            hosts,
+            workers_per_host=1,
+            paradigms=("futures",),
+            listen_host="127.0.0.1",
+            connect_timeout=bound(3),
+        ):
+            pass
+    assert "did not connect back" in caught.value.reason
+    assert {str(h) for h in hosts} == set(caught.value.host.split(", "))
+    assert time.monotonic() - t0 < bound(3) * 2 + bound(5)
+    assert pids_with_env(MARK, mark) == []
+
+
 async def test_host_that_cannot_start_with_raise_stops_the_others(netns: list[SSHHost], mark: str) -> None:
     """The good hosts' roles had started when the bad host failed: leaving the failed start stops them."""
     good = marked(netns[:2], mark)
