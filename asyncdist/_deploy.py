@@ -20,7 +20,7 @@ that Python is used as it is. Otherwise asyncdist is shipped:
    (``~/.cache/asyncdist/wheelhouse-<key>``); a wheel pip cannot fetch is
    repacked from the installed files.
 2. There, :func:`ensure_remote_python` makes a private directory
-   (``mktemp -d $TMPDIR/asyncdist-XXXXXXXXXX``, mode 0700, with a marker
+   (``mktemp -d`` in ``$TMPDIR``, named ``asyncdist-`` and ten random characters, mode 0700, with a marker
    file), uploads the wheels over SFTP, makes a venv with ``--without-pip``
    (so neither ensurepip nor Debian's ``python3-venv`` is needed) and runs
    pip from its shipped wheel: ``pip install --no-index --find-links WHEELS
@@ -84,8 +84,10 @@ _PROJECT: Final = "asyncdist"
 #: The package directory this process runs; its files make asyncdist's own wheel.
 _PACKAGE_DIR: Final = Path(__file__).resolve().parent
 _LOCAL: Final = "localhost"
-#: The remote directory's name: ``$TMPDIR/asyncdist-XXXXXXXXXX`` (mktemp's template).
+#: The remote directory's name: this prefix and ten random characters, in ``$TMPDIR``.
 _TEMP_PREFIX: Final = "asyncdist-"
+#: mktemp's template for it (each X becomes a random character).
+_TEMP_TEMPLATE: Final = _TEMP_PREFIX + "X" * 10
 _TEMP_NAME: Final = re.compile(r"^asyncdist-[A-Za-z0-9]{10}$")
 _MARKER_FILE: Final = ".asyncdist-deploy"
 _PROBE_MARKER: Final = "asyncdist-probe "
@@ -555,10 +557,11 @@ class _Session:
         raise self.error(reason, done.output)
 
     async def make_tempdir(self) -> str:
-        """``$TMPDIR/asyncdist-XXXXXXXXXX`` (mode 0700) with ``wheels/`` and the marker file."""
+        """A new directory in ``$TMPDIR`` named from :data:`_TEMP_TEMPLATE` (mode 0700), with
+        ``wheels/`` and the marker file."""
         script = (
             'root="${TMPDIR:-/tmp}"; root="${root%/}"; umask 077'
-            f' && d=$(mktemp -d "$root/{_TEMP_PREFIX}XXXXXXXXXX")'
+            f' && d=$(mktemp -d "$root/{_TEMP_TEMPLATE}")'
             f' && mkdir "$d/wheels" && echo "made by asyncdist" > "$d/{_MARKER_FILE}" && echo "$d"'
         )
         done = await self.run("making a temporary directory", f"sh -c {shlex.quote(script)}")
