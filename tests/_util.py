@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from asyncdist import Connection, Proxy
 from asyncdist.testing import poll_for
+
+_T = TypeVar("_T")
 
 #: Multiply every test delay and bound by this (slow machines: 2 or more).
 SCALE = float(os.environ.get("ASYNCDIST_TEST_TIME_SCALE", "1"))
@@ -66,3 +68,21 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+async def finish(aw: Awaitable[_T], timeout: float, what: str) -> _T:
+    """Await ``aw`` for at most ``timeout`` s (already scaled by the caller); fail naming ``what``."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await aw
+    except TimeoutError:
+        raise AssertionError(f"{what} did not finish within {timeout:g} s") from None
+
+
+def start(aw: Awaitable[_T]) -> asyncio.Task[_T]:
+    """Run an awaitable (e.g. a remote call) as a task."""
+
+    async def run() -> _T:
+        return await aw
+
+    return asyncio.create_task(run())

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import msgpack
 import pytest
 from _evil import EvilClient, pickle_bomb, traced
-from _util import SCALE, eventually
+from _util import SCALE, eventually, finish, start
 
 from asyncdist import (
     AuthenticationError,
@@ -83,24 +83,6 @@ _T = TypeVar("_T")
 
 def now() -> float:
     return asyncio.get_running_loop().time()
-
-
-async def finish(aw: Awaitable[_T], timeout: float, what: str) -> _T:
-    """Await ``aw`` for at most ``timeout`` s (already scaled by the caller)."""
-    try:
-        async with asyncio.timeout(timeout):
-            return await aw
-    except TimeoutError:
-        raise AssertionError(f"{what} did not finish within {timeout:g} s") from None
-
-
-def start(aw: Awaitable[_T]) -> asyncio.Task[_T]:
-    """Run an awaitable (e.g. a remote call) as a task."""
-
-    async def run() -> _T:
-        return await aw
-
-    return asyncio.create_task(run())
 
 
 async def raises(aw: Awaitable[Any], timeout: float | None = None) -> BaseException:

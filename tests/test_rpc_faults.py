@@ -32,13 +32,13 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from _evil import traced
-from _util import SCALE, eventually, stop
+from _util import SCALE, eventually, finish, start, stop
 
 import asyncdist
 from asyncdist import (
@@ -65,24 +65,9 @@ def now() -> float:
     return asyncio.get_running_loop().time()
 
 
-async def finish(aw: Awaitable[_T], what: str, timeout: float = BOUND) -> _T:
-    try:
-        async with asyncio.timeout(timeout):
-            return await aw
-    except TimeoutError:
-        raise AssertionError(f"{what} did not finish within {timeout:g} s") from None
-
-
-def start(aw: Awaitable[_T]) -> asyncio.Task[_T]:
-    async def run() -> _T:
-        return await aw
-
-    return asyncio.create_task(run())
-
-
 async def outcome(task: asyncio.Future[Any], what: str, timeout: float = BOUND) -> BaseException | None:
     """Wait for ``task`` (bounded) and return what it raised, or None."""
-    await finish(asyncio.wait({task}), what, timeout)
+    await finish(asyncio.wait({task}), timeout, what)
     if task.cancelled():
         return asyncio.CancelledError()
     return task.exception()
@@ -180,7 +165,7 @@ async def test_f24_drop_inside_a_callback_fails_pending_calls_on_both_sides(who:
                     raise
 
             call = start(conn.root.call_back(callback))
-            await finish(inside.wait(), "the callback")
+            await finish(inside.wait(), BOUND, "the callback")
             (session,) = server.connections
             assert len(session._objects) == 2  # the service and the lent object
             if who == "server aborts":
@@ -198,8 +183,8 @@ async def test_f24_drop_inside_a_callback_fails_pending_calls_on_both_sides(who:
             (server_call,) = rec.calls
             exc = await outcome(server_call, "the server's call into the client")
             assert isinstance(exc, ConnectionClosed), repr(exc)
-            await finish(conn.wait_closed(), "the client's close")
-            await finish(session.wait_closed(), "the server side's close")
+            await finish(conn.wait_closed(), BOUND, "the client's close")
+            await finish(session.wait_closed(), BOUND, "the server side's close")
             # The handler that was waiting for the callback ended (cancelled with its connection).
             await eventually(lambda: rec.handler_ended, "the server's handler did not end")
             assert issubclass(rec.handler_ended[0], ConnectionClosed | asyncio.CancelledError)
@@ -225,7 +210,7 @@ async def test_f24_drop_inside_a_callback_fails_pending_calls_on_both_sides(who:
             async def quick(lent: Any) -> str:
                 return str(await lent.ping())
 
-            assert await finish(again.root.call_back(quick), "a callback on a new connection") == (
+            assert await finish(again.root.call_back(quick), BOUND, "a callback on a new connection") == (
                 "pong for the callback"
             )
         assert not server.connections
@@ -258,7 +243,7 @@ async def test_f24_client_process_killed_inside_a_callback(tmp_path: Path) -> No
             )  # fmt: skip
         try:
             assert proc.stdout is not None
-            line = await finish(proc.stdout.readline(), "the client process's callback", 20 * SCALE)
+            line = await finish(proc.stdout.readline(), 20 * SCALE, "the client process's callback")
             assert line == b"INSIDE\n", (line, (tmp_path / "client.err").read_text()[-2000:])
             (session,) = server.connections
             assert len(session._objects) == 2
@@ -271,7 +256,7 @@ async def test_f24_client_process_killed_inside_a_callback(tmp_path: Path) -> No
             assert now() - t0 < 2 * SCALE
             del exc, server_call
             rec.calls.clear()  # (the failed call's traceback holds its arguments)
-            await finish(session.wait_closed(), "the server side's close")
+            await finish(session.wait_closed(), BOUND, "the server side's close")
             assert session._objects == {}
             await eventually(lambda: gc.collect() >= 0 and rec.lent[0]() is None, "the lent object leaked")
             assert rec.disconnected == ["server"]
@@ -308,7 +293,7 @@ async def test_f24_a_client_dropping_fails_another_clients_call_into_it_only() -
 
             await a.root.register("a", hang)
             call = start(b.root.invoke("a"))
-            await finish(started.wait(), "A's function")
+            await finish(started.wait(), BOUND, "A's function")
             a.conn.abort()
             exc = await outcome(call, "B's call")
             assert isinstance(exc, ConnectionClosed), repr(exc)  # the remote ConnectionClosed, rebuilt
@@ -316,7 +301,7 @@ async def test_f24_a_client_dropping_fails_another_clients_call_into_it_only() -
             with pytest.raises(KeyError):
                 await b.root.invoke("missing")
             with pytest.raises(ConnectionClosed):  # the server's netref to A is dead, not hanging
-                await finish(b.root.invoke("a"), "a call into the closed connection")
+                await finish(b.root.invoke("a"), BOUND, "a call into the closed connection")
             await b.root.forget()
         finally:
             await a.close()
@@ -353,7 +338,7 @@ async def rpc_process(tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.
         )  # fmt: skip
     try:
         assert proc.stdout is not None
-        banner = await finish(proc.stdout.readline(), "the rpc server's start", 20 * SCALE)
+        banner = await finish(proc.stdout.readline(), 20 * SCALE, "the rpc server's start")
         match = BANNER.search(banner)
         assert match, f"no banner: {banner!r} {(tmp_path / 'server.err').read_text()[-2000:]}"
         yield proc, int(match.group(2))
@@ -383,7 +368,7 @@ async def test_server_process_killed_or_frozen_mid_call_fails_the_call_within_th
                 started.set()
 
             call = start(conn.root.hang(on_start))
-            await finish(started.wait(), "the server's hang()")
+            await finish(started.wait(), BOUND, "the server's hang()")
             os.kill(proc.pid, signal.SIGKILL if how == "SIGKILL" else signal.SIGSTOP)
             t0 = now()
             exc = await outcome(call, "the call in flight", HB_BOUND)
@@ -393,7 +378,7 @@ async def test_server_process_killed_or_frozen_mid_call_fails_the_call_within_th
                 closed = conn.conn.close_exception
                 assert closed is not None
                 assert "no data from the peer" in str(closed.__cause__)
-            await finish(disconnected.wait(), "the client's on_disconnect")
+            await finish(disconnected.wait(), BOUND, "the client's on_disconnect")
             assert conn.closed
             with pytest.raises(ConnectionClosed):
                 await conn.root.echo(2)
@@ -429,9 +414,9 @@ async def attacked() -> AsyncIterator[tuple[rpc.Server, rpc.Connection]]:
 
 
 async def still_served(server: rpc.Server, honest: rpc.Connection) -> None:
-    assert await finish(honest.root.echo("honest"), "the honest client's call") == "honest"
+    assert await finish(honest.root.echo("honest"), BOUND, "the honest client's call") == "honest"
     async with rpc.connect(port=server.port) as fresh:
-        assert await finish(fresh.root.echo("fresh"), "a new client's call") == "fresh"
+        assert await finish(fresh.root.echo("fresh"), BOUND, "a new client's call") == "fresh"
 
 
 LONG = "x" * 300
@@ -503,7 +488,7 @@ async def test_bad_rpc_request_gets_an_error_reply_and_the_connection_stays_up(
                         pass
             else:
                 with pytest.raises(error, match=match):
-                    await finish(raw.call(name, *rest), "the bad request")
+                    await finish(raw.call(name, *rest), BOUND, "the bad request")
             assert not raw.closed
             assert await raw.call("rpc.call", 0, "echo", 1) == 1  # the same connection still works
             await still_served(server, honest)
@@ -549,7 +534,7 @@ async def test_junk_rpc_del_harms_nobody_else(
             # A call after the notification: either an answer (the connection stayed up) or
             # ConnectionClosed (it was closed as a protocol error): never a hang.
             try:
-                assert await finish(raw.call("rpc.call", 0, "echo", 1), "the next call") == 1
+                assert await finish(raw.call("rpc.call", 0, "echo", 1), BOUND, "the next call") == 1
             except ConnectionClosed:
                 assert raw.closed
             else:
@@ -601,9 +586,9 @@ async def test_bad_object_reference_closes_only_that_connection(
                 await raw.notify("rpc.del", [[ref, 1]])
                 aw = raw.call("rpc.call", 0, "echo", 1)
             with pytest.raises(ConnectionClosed):
-                await finish(aw, "the call with a bad reference")
+                await finish(aw, BOUND, "the call with a bad reference")
             assert raw.closed
-            await finish(session.wait_closed(), "the attacked connection's close")
+            await finish(session.wait_closed(), BOUND, "the attacked connection's close")
             closed = session.conn.close_exception
             assert closed is not None
             assert isinstance(closed.__cause__, ProtocolError), repr(closed.__cause__)
@@ -776,12 +761,12 @@ async def test_closing_a_server_with_calls_in_flight_ends_every_call() -> None:
             "callback": start(clients[1].root.call_back(callback)),
             "stream": start(consume(stream)),
         }
-        await finish(entered["hang"].wait(), "hang()")
-        await finish(in_callback.wait(), "the callback")
-        await finish(entered["stream"].wait(), "the stream")
-        await finish(asyncio.to_thread(entered["block"].wait, BOUND), "block()")
+        await finish(entered["hang"].wait(), BOUND, "hang()")
+        await finish(in_callback.wait(), BOUND, "the callback")
+        await finish(entered["stream"].wait(), BOUND, "the stream")
+        await finish(asyncio.to_thread(entered["block"].wait, BOUND), BOUND, "block()")
         t0 = now()
-        await finish(server.aclose(), "the server's close", close_timeout + BOUND)
+        await finish(server.aclose(), close_timeout + BOUND, "the server's close")
         for what, task in calls.items():
             exc = await outcome(task, what, close_timeout + BOUND)
             if what == "block":  # it finished within close_timeout: its result came back
@@ -791,7 +776,7 @@ async def test_closing_a_server_with_calls_in_flight_ends_every_call() -> None:
                 assert isinstance(exc, ConnectionClosed), (what, repr(exc))
         assert now() - t0 < close_timeout + 2 * SCALE
         for client in clients:
-            await finish(client.wait_closed(), "a client's close")
+            await finish(client.wait_closed(), BOUND, "a client's close")
             assert client.closed
         assert not server.connections
         await server.aclose()  # idempotent
@@ -825,7 +810,7 @@ async def test_graceful_close_lets_a_call_in_progress_finish_its_callbacks(closi
                 return x + 1
 
             call = start(conn.root.two_steps(first, second))
-            await finish(entered.wait(), "the first callback")
+            await finish(entered.wait(), BOUND, "the first callback")
             (session,) = server.connections
             if closing == "client":
                 closer = start(conn.close())
@@ -835,7 +820,7 @@ async def test_graceful_close_lets_a_call_in_progress_finish_its_callbacks(closi
                 await eventually(lambda: session.closed, "the server's close did not begin")
             go.set()
             exc = await outcome(call, "the call in progress")
-            await finish(closer, "the close")
+            await finish(closer, BOUND, "the close")
             assert exc is None, repr(exc)
             assert call.result() == 2
         finally:
