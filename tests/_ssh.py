@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from _util import SCALE, alive, eventually
+from _util import SCALE, alive, all_pids, eventually, pids_with_env, read_proc
 
 from asyncdist.spawn import Host
 
@@ -110,15 +110,6 @@ def comm(pid: int) -> str:
         return ""
 
 
-def read_proc(pid: int, name: str) -> bytes:
-    """``/proc/PID/NAME`` (``cmdline``, ``environ``), b"" if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/{name}", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
 def environ(pid: int) -> dict[str, str]:
     out = {}
     for item in read_proc(pid, "environ").split(b"\0"):
@@ -126,10 +117,6 @@ def environ(pid: int) -> dict[str, str]:
         if sep:
             out[k.decode(errors="replace")] = v.decode(errors="replace")
     return out
-
-
-def all_pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
 def group_members(pgid: int) -> list[int]:
@@ -271,12 +258,6 @@ def sites_from_environment() -> list[SSHSite]:
 
 
 # -- remote processes found by a mark in their environment ------------------------------------------
-
-
-def pids_with_env(name: str, value: str) -> list[int]:
-    """Live processes whose environment holds ``NAME=VALUE`` (set through ``Host.env`` or a prolog)."""
-    needle = f"{name}={value}".encode()
-    return [p for p in all_pids() if needle in read_proc(p, "environ").split(b"\0") and alive(p)]
 
 
 def is_guard(pid: int, role: str | None = None) -> bool:

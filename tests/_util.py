@@ -86,3 +86,23 @@ def start(aw: Awaitable[_T]) -> asyncio.Task[_T]:
         return await aw
 
     return asyncio.create_task(run())
+
+
+def read_proc(pid: int, name: str) -> bytes:
+    """``/proc/PID/NAME`` (``cmdline``, ``environ``), b"" if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def all_pids() -> list[int]:
+    """Every process id in /proc."""
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def pids_with_env(name: str, value: str) -> list[int]:
+    """Live processes whose environment holds ``NAME=VALUE`` (how tests mark what they start)."""
+    needle = f"{name}={value}".encode()
+    return [p for p in all_pids() if needle in read_proc(p, "environ").split(b"\0") and alive(p)]

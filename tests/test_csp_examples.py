@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from _util import SCALE, alive, stop
+from _util import SCALE, alive, pids_with_env, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 CSP_EXAMPLES = ROOT / "examples" / "csp"
@@ -30,19 +30,7 @@ MARKER = "CSP_EXAMPLE_TEST_RUN"
 
 def leftovers(marker: str) -> list[int]:
     """The live processes whose environment carries ``MARKER=marker`` (the example's descendants)."""
-    needle = f"{MARKER}={marker}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-        except OSError:  # gone meanwhile, or not ours
-            continue
-        if needle in environ and alive(int(entry)):
-            found.append(int(entry))
-    return found
+    return pids_with_env(MARKER, marker)
 
 
 class Run:

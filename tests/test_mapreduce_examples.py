@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from _util import SCALE, alive
+from _util import SCALE, pids_with_env
 
 ROOT = Path(__file__).resolve().parent.parent
 MR_EXAMPLES = ROOT / "examples" / "mapreduce"
@@ -78,20 +78,8 @@ def make_text(seed: int, lines: int, vocabulary: int = 400) -> str:
 
 
 def leftovers(marker: str) -> list[int]:
-    """The live processes whose environment carries ``MARKER=marker``."""
-    needle = f"{MARKER}={marker}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-        except OSError:
-            continue
-        if needle in environ and alive(int(entry)):
-            found.append(int(entry))
-    return found
+    """The live processes whose environment carries ``MARKER=marker`` (the example's descendants)."""
+    return pids_with_env(MARKER, marker)
 
 
 def assert_no_leftovers(marker: str) -> None:
