@@ -336,7 +336,9 @@ class Pool:
     cluster instead. Options: ``slots`` (threads per local worker for plain
     functions), ``allowed_failures`` (worker deaths a task survives),
     ``no_workers_timeout``, ``join_timeout`` (seconds to wait for local
-    workers), ``nice`` (priority increment of local workers), ``ssl``. Other
+    workers), ``nice`` (priority increment of local workers: 10 by default, so
+    that the process embedding the pool, a web service say, stays responsive
+    while they compute; 0 keeps them at this process's priority), ``ssl``. Other
     keyword arguments are connection :class:`~asyncdist.connection.Options`
     (e.g. ``heartbeat_interval``, ``heartbeat_timeout``): for a local pool
     they apply to its broker and to every local worker's connection, for a
@@ -356,7 +358,7 @@ class Pool:
         no_workers_timeout: float | None = None,
         join_timeout: float = 60.0,
         close_timeout: float = 5.0,
-        nice: int = 0,
+        nice: int = 10,
         main: str | None = None,
         **connect_options: Any,
     ) -> None:
