@@ -782,12 +782,12 @@ async def test_load_is_balanced_over_two_workers() -> None:
 async def test_progress_bar_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     threads = set(threading.enumerate())
     async with Pool(workers=1) as pool:
-        assert await pool.map(T.api_identity, range(50), progress=True) == list(range(50))
-        assert await pool.map_reduce(T.api_identity, operator.add, range(10), progress=True) == 45
-        got = [x async for x in pool.map_as_completed(T.api_identity, range(5), progress=True)]
+        assert await pool.map(T.api_identity, range(50), progress="force") == list(range(50))
+        assert await pool.map_reduce(T.api_identity, operator.add, range(10), progress="force") == 45
+        got = [x async for x in pool.map_as_completed(T.api_identity, range(5), progress="force")]
         assert sorted(got) == list(range(5))
-        assert await pool.map_scan(T.api_identity, operator.add, range(3), progress=True) == [0, 1, 3]
-        assert await asyncdist.map(T.api_identity, range(7), progress=True) == list(range(7))
+        assert await pool.map_scan(T.api_identity, operator.add, range(3), progress="force") == [0, 1, 3]
+        assert await asyncdist.map(T.api_identity, range(7), progress="force") == list(range(7))
     captured = capsys.readouterr()
     assert "api_identity" in captured.err
     assert "/50" in captured.err

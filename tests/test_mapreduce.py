@@ -541,7 +541,7 @@ async def test_show_prints_progress_per_phase_and_leaves_no_thread(
     async with embedded():
         job = await Job(name="shown").run(input=["raw://a b", "raw://b c", "raw://c"], map=wc_map,
                                           reduce=wc_reduce, partitions=2)  # fmt: skip
-        results = await finish(job.wait(show=True), 30, "the job")
+        results = await finish(job.wait(show="force"), 30, "the job")
         err = capsys.readouterr().err
         assert re.search(r"shown map.*3/3", err), err
         assert re.search(r"shown reduce.*2/2", err), err

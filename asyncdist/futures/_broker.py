@@ -12,6 +12,9 @@ worker -> broker     started              ``[key, ...], {fid: seconds}``: tasks 
 worker -> broker     done                 ``[[key, attempt, status, blob], ...], {fid: seconds}``
 broker -> worker     cancel               ``[key, ...]``
 broker -> worker     consts               ``{name: blob}``
+worker -> broker     waiting              ``[key, ...]``: these tasks wait for other tasks
+                                          (nested ``sync.map``): their cost no longer
+                                          counts against the worker's load
 worker -> broker     leaving              (graceful exit: its tasks go back to the queue)
 client -> broker     client_hello (CALL)  -> ``{cid}``
 client -> broker     submit               ``[[tid, fid, blob], ...], {fid: blob}``
@@ -339,6 +342,17 @@ class Broker:
         if self._queue:
             self._schedule_dispatch()  # room freed under the load cap
 
+    def _waiting(self, worker: _Worker, keys: Any) -> None:
+        if type(keys) is not list:
+            raise ProtocolError("waiting: keys must be a list")
+        for key in keys:
+            task = worker.running.get(key)
+            if task is not None and task.cost:
+                worker.load = max(0.0, worker.load - task.cost)
+                task.cost = 0.0
+        if self._queue:
+            self._schedule_dispatch()
+
     def _update_estimates(self, estimates: Any) -> None:
         if not estimates:
             return
@@ -548,6 +562,7 @@ class _Session:
             "started": self.started,
             "done": self.done,
             "leaving": self.leaving,
+            "waiting": self.waiting,
             "client_hello": self.client_hello,
             "submit": self.submit,
             "cancel": self.cancel,
@@ -605,6 +620,9 @@ class _Session:
 
     def leaving(self) -> None:
         self._as_worker().leaving = True
+
+    def waiting(self, keys: Any) -> None:
+        self.broker._waiting(self._as_worker(), keys)
 
     def submit(self, tasks: Any, functions: Any) -> None:
         if type(tasks) is not list or type(functions) is not dict:

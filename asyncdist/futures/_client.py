@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from .._progress import progress_bar
+from .._progress import Progress, progress_bar
 from ..connection import Connection, connect, parse_address
 from ..errors import BrokerLost, ConnectError, ConnectionClosed, ConnectionClosedOK, RemoteError
 from ..security import generate_secret, resolve_secret
@@ -672,11 +672,15 @@ class Pool:
                 sink._accept(tid, False, value)
 
     def _start_job(
-        self, fn: Callable[..., Any], iterables: Sequence[Iterable[Any]], progress: bool, stream: bool = True
+        self,
+        fn: Callable[..., Any],
+        iterables: Sequence[Iterable[Any]],
+        progress: Progress,
+        stream: bool = True,
     ) -> _Job:
         self._check_open()
         calls = [[list(args)] for args in zip(*iterables, strict=False)] if iterables else []
-        bar = progress_bar(len(calls), getattr(fn, "__name__", "tasks")) if progress else None
+        bar = progress_bar(len(calls), getattr(fn, "__name__", "tasks"), show=progress)
         job = _Job(self, self._next_tid, len(calls), bar, stream=stream)
         if calls:
             self._submit_tasks(fn, calls, job)
@@ -690,7 +694,7 @@ class Pool:
         /,
         *iterables: Iterable[Any],
         timeout: float | None = None,
-        progress: bool = False,
+        progress: Progress = False,
     ) -> list[Any]:
         """``[fn(*args) for args in zip(*iterables)]``, computed on the workers, in order.
 
@@ -714,7 +718,7 @@ class Pool:
         fn: Callable[..., Any],
         iterables: Sequence[Iterable[Any]],
         timeout: float | None,
-        progress: bool,
+        progress: Progress,
     ) -> AsyncGenerator[tuple[_Job, int, Any], None]:
         """Start a job and yield ``(job, index, value)`` as results arrive; clean up at the end."""
         await self._ensure_link()
@@ -733,7 +737,7 @@ class Pool:
         /,
         *iterables: Iterable[Any],
         timeout: float | None = None,
-        progress: bool = False,
+        progress: Progress = False,
     ) -> AsyncIterator[Any]:
         """Yield ``fn(*args)`` results in the order they complete."""
         async with contextlib.aclosing(self._arrivals(fn, iterables, timeout, progress)) as arrivals:
@@ -747,7 +751,7 @@ class Pool:
         /,
         *iterables: Iterable[Any],
         timeout: float | None = None,
-        progress: bool = False,
+        progress: Progress = False,
     ) -> Any:
         """Map, then reduce the results with ``reduction`` (associative) as they arrive.
 
@@ -771,7 +775,7 @@ class Pool:
         /,
         *iterables: Iterable[Any],
         timeout: float | None = None,
-        progress: bool = False,
+        progress: Progress = False,
     ) -> list[Any]:
         """Map, then the running reductions: ``[r0, red(r0, r1), red(red(r0, r1), r2), ...]``."""
         scanned: list[Any] = []
@@ -922,14 +926,22 @@ async def close_default_pool() -> None:
 
 
 async def map(
-    fn: Callable[..., Any], /, *iterables: Iterable[Any], timeout: float | None = None, progress: bool = False
+    fn: Callable[..., Any],
+    /,
+    *iterables: Iterable[Any],
+    timeout: float | None = None,
+    progress: Progress = False,
 ) -> list[Any]:
     """:meth:`Pool.map` on the current or default pool."""
     return await (await default_pool()).map(fn, *iterables, timeout=timeout, progress=progress)
 
 
 async def map_as_completed(
-    fn: Callable[..., Any], /, *iterables: Iterable[Any], timeout: float | None = None, progress: bool = False
+    fn: Callable[..., Any],
+    /,
+    *iterables: Iterable[Any],
+    timeout: float | None = None,
+    progress: Progress = False,
 ) -> AsyncIterator[Any]:
     """:meth:`Pool.map_as_completed` on the current or default pool."""
     pool = await default_pool()
@@ -943,7 +955,7 @@ async def map_reduce(
     /,
     *iterables: Iterable[Any],
     timeout: float | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Any:
     """:meth:`Pool.map_reduce` on the current or default pool."""
     pool = await default_pool()
@@ -956,7 +968,7 @@ async def map_scan(
     /,
     *iterables: Iterable[Any],
     timeout: float | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> list[Any]:
     """:meth:`Pool.map_scan` on the current or default pool."""
     pool = await default_pool()

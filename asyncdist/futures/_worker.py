@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..connection import Connection, connect, parse_address
@@ -129,6 +129,15 @@ class Worker:
         self._consts: dict[str, bytes] = {}
         self._const_values: dict[str, Any] = {}
         self._stopped: asyncio.Future[None] | None = None
+        # Task threads: how many run, how many should exit (slots taken back), and the slots
+        # given back by tasks that wait for other tasks (see slot_released).
+        self._task_thread = threading.local()
+        self._threads_lock = threading.Lock()
+        self._threads = 0
+        self._surplus = 0
+        self._released = 0
+        #: The thread running this worker's event loop (None until :meth:`run`).
+        self.loop_thread: threading.Thread | None = None
         #: Tasks finished by this worker.
         self.completed = 0
 
@@ -140,9 +149,9 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._stopped = loop.create_future()
         self._loop = loop
-        for i in range(self.slots):
-            # Daemon threads: a task that never returns must not keep the process alive.
-            threading.Thread(target=self._runner, name=f"asyncdist-task-{i}", daemon=True).start()
+        self.loop_thread = threading.current_thread()
+        for _ in range(self.slots):
+            self._start_runner()
         try:
             host, port = self.address
             self.conn = await connect(
@@ -192,13 +201,65 @@ class Worker:
         if self.conn is not None:
             await self.conn.close("worker stopping")
         # Running plain tasks cannot be interrupted: the runners stop after their batch.
-        for _ in range(self.slots):
+        with self._threads_lock:
+            threads = self._threads
+        for _ in range(threads):
             self._inbox.put(None)
 
     @property
     def busy_threads(self) -> int:
         """Batches of plain tasks handed to the task threads (at most two per thread)."""
-        return 2 * self.slots - self._free_threads
+        return 2 * (self.slots + self._released) - self._free_threads
+
+    # -- task threads and their slots --------------------------------------------------
+
+    def _start_runner(self) -> None:
+        with self._threads_lock:
+            self._threads += 1
+            n = self._threads
+        # Daemon threads: a task that never returns must not keep the process alive.
+        threading.Thread(target=self._runner, name=f"asyncdist-task-{n}", daemon=True).start()
+
+    @contextlib.contextmanager
+    def slot_released(self) -> Iterator[None]:
+        """Around a blocking wait in a task thread: the slot serves other tasks meanwhile.
+
+        A plain task that waits for other tasks (``sync.map`` inside a task)
+        would hold its slot while they need one: on entry another task
+        thread starts, the broker stops counting the waiting task's cost
+        against this worker, and more tasks are asked for; on exit a task
+        thread ends once it is idle, so the worker is back to ``slots``
+        threads. Anywhere but in this worker's task threads it does nothing.
+        """
+        key = getattr(self._task_thread, "key", None)
+        if key is None or self._stopping:
+            yield
+            return
+        self._loop.call_soon_threadsafe(self._give_slot, key)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the worker is gone
+                self._loop.call_soon_threadsafe(self._take_slot)
+
+    def _give_slot(self, key: int) -> None:
+        self._released += 1
+        self._free_threads += 2
+        self._start_runner()
+        conn = self.conn
+        if conn is not None and not conn.closed:
+            with contextlib.suppress(ConnectionClosed):
+                conn.notify_nowait("waiting", [key])
+                conn.flush()
+        if not self._stopping:
+            self._pump()
+            self._request_more()
+
+    def _take_slot(self) -> None:
+        self._released -= 1
+        self._free_threads -= 2
+        with self._threads_lock:
+            self._surplus += 1
 
     # -- shared constants --------------------------------------------------------------
 
@@ -328,8 +389,10 @@ class Worker:
         while True:
             batch = self._inbox.get()
             if batch is None:
+                with self._threads_lock:
+                    self._threads -= 1
                 return
-            results = self._run_batch(batch)
+            results = self._run_batch(batch, tls=self._task_thread)
             self._outq.append(results)
             if not self._wake_pending:
                 self._wake_pending = True
@@ -337,19 +400,29 @@ class Worker:
                     self._loop.call_soon_threadsafe(self._collect)
                 except RuntimeError:  # the loop is closed: the worker is gone
                     return
+            with self._threads_lock:
+                if self._surplus:  # a slot given back was taken back: one thread too many
+                    self._surplus -= 1
+                    self._threads -= 1
+                    return
 
-    def _run_batch(self, batch: list[_Item], inline: bool = False) -> list[_Result]:
+    def _run_batch(self, batch: list[_Item], inline: bool = False, tls: Any = None) -> list[_Result]:
         out: list[_Result] = []
         cancelled = self._cancelled
         for key, attempt, fid, fn, args, kwargs in batch:
             if key in cancelled:
                 continue
             start = time.perf_counter()
+            if tls is not None:
+                tls.key = key
             try:
                 value = fn(*args, **kwargs)
                 status = STATUS_OK
             except Exception as exc:
                 value, status = exc, STATUS_ERROR
+            finally:
+                if tls is not None:
+                    tls.key = None
             elapsed = time.perf_counter() - start
             out.append((key, attempt, fid, status, value, elapsed))
             if inline and elapsed > _INLINE_LIMIT:
@@ -443,7 +516,7 @@ class Worker:
             per_slot = 2
         else:
             per_slot = max(1, min(_MAX_PER_SLOT, math.ceil(self.prefetch / max(ewma, 1e-7))))
-        return self.slots * per_slot
+        return (self.slots + self._released) * per_slot
 
     def _request_more(self) -> None:
         conn = self.conn

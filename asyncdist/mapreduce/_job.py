@@ -23,7 +23,7 @@ from typing import Any
 import cloudpickle
 import msgpack
 
-from .._progress import progress_bar
+from .._progress import Progress, progress_bar
 from ..connection import Connection, connect, parse_address
 from ..errors import ConfigurationError, ConnectionClosed, MasterLost
 from ..security import resolve_secret
@@ -242,10 +242,11 @@ class Job:
         self.id = await conn.call("mr.submit", spec)
         return self
 
-    async def wait(self, show: bool = False, timeout: float | None = None) -> Results:
+    async def wait(self, show: Progress = False, timeout: float | None = None) -> Results:
         """Wait for the results; raise the job's error (its own type, remote traceback attached).
 
-        ``show=True`` shows a progress bar per phase. Cancelling the waiting
+        ``show=True`` shows a progress bar per phase (on a terminal or in a
+        notebook; ``"force"`` anywhere). Cancelling the waiting
         task kills the job (and frees its disk).
         """
         if self._results is not None:
@@ -259,10 +260,13 @@ class Job:
                 async for event in conn.stream("mr.watch", self.id):
                     if "progress" in event and show:
                         for phase, (done, total) in event["progress"].items():
-                            bar = bars.get(phase)
-                            if bar is None:
-                                bar = bars[phase] = progress_bar(total, f"{self.name} {phase}", leave=True)
-                            bar.update(done - bar.n)
+                            if phase not in bars:
+                                bars[phase] = progress_bar(
+                                    total, f"{self.name} {phase}", show=show, leave=True
+                                )
+                            bar = bars[phase]
+                            if bar is not None:
+                                bar.update(done - bar.n)
                     if "results" in event:
                         self._results = Results(event["results"], {**self._options})
         except asyncio.CancelledError:
@@ -273,7 +277,8 @@ class Job:
             raise MasterLost(f"the MapReduce master was lost while job {self.name} ran: {exc}") from exc
         finally:
             for bar in bars.values():
-                bar.close()
+                if bar is not None:
+                    bar.close()
         assert self._results is not None
         return self._results
 
