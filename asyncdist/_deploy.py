@@ -46,7 +46,6 @@ import hashlib
 import importlib.metadata
 import io
 import json
-import logging
 import os
 import platform
 import posixpath
@@ -66,6 +65,7 @@ from typing import Any, Final
 
 import asyncssh
 
+from ._log import get_logger
 from ._version import __version__
 from .errors import DeployError
 
@@ -78,7 +78,7 @@ __all__ = [
     "wheelhouse_dir",
 ]
 
-log = logging.getLogger("asyncdist.deploy")
+log = get_logger("asyncdist.deploy")
 
 _PROJECT: Final = "asyncdist"
 #: The package directory this process runs; its files make asyncdist's own wheel.

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import re
 import secrets
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -42,6 +41,7 @@ from typing import Any, Final, Literal
 import asyncssh
 
 from ._deploy import RemoteEnv, cleanup_remote
+from ._log import get_logger
 from .csp import ChannelServer
 from .errors import ConfigurationError, DeployError
 from .futures import Pool, serve_broker
@@ -56,7 +56,7 @@ __all__ = ["PARADIGMS", "SSHCluster", "hosts_from_environment", "parse_hostfile"
 #: What an SSHCluster can serve (``paradigms=``); futures always.
 PARADIGMS: Final = ("futures", "mapreduce", "objects", "csp")
 
-log = logging.getLogger("asyncdist.cluster")
+log = get_logger("asyncdist.cluster")
 
 
 class SSHCluster:

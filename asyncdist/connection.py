@@ -39,7 +39,6 @@ import asyncio
 import contextvars
 import functools
 import inspect
-import logging
 import os
 import socket
 import ssl as _ssl
@@ -53,6 +52,7 @@ from types import CoroutineType
 from typing import Any, Final, Generic, TypeVar, cast
 
 from . import protocol as P
+from ._log import get_logger
 from .codec import Codec, ObjectRef, PicklePolicy
 from .errors import (
     AsyncDistError,
@@ -79,7 +79,7 @@ __all__ = [
     "parse_address",
 ]
 
-log = logging.getLogger("asyncdist.connection")
+log = get_logger("asyncdist.connection")
 
 Handler = Callable[..., Any]
 _T = TypeVar("_T")
@@ -1297,7 +1297,7 @@ class Connection(asyncio.BufferedProtocol):
             await self._drain()
 
 
-_auth_log = logging.getLogger("asyncdist.security")
+_auth_log = get_logger("asyncdist.security")
 
 
 class Stream(Generic[_T]):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import logging
 import os
 import socket
 import ssl as _ssl
@@ -28,13 +27,14 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ._log import get_logger
 from .connection import Connection, Handler, Options, _AwaitableContext
 from .errors import AsyncDistError, ConnectionClosedError, ProtocolError, TLSError
 from .security import check_bind, resolve_secret
 
 __all__ = ["Server", "ServerStats", "serve"]
 
-log = logging.getLogger("asyncdist.server")
+log = get_logger("asyncdist.server")
 
 HandlerTable = Mapping[str, Handler]
 HandlerFactory = Callable[[Connection], HandlerTable]

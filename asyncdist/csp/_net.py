@@ -56,6 +56,7 @@ import weakref
 from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
 
+from .._log import get_logger
 from ..codec import Codec
 from ..connection import Connection, connect
 from ..errors import ConnectionClosedError, ConnectionClosedOK, SerializationError
@@ -76,7 +77,7 @@ __all__ = [
     "shutdown",
 ]
 
-log = logging.getLogger("asyncdist.csp")
+log = get_logger("asyncdist.csp")
 
 #: At most this many buffer slots are promised to one client per channel at a time.
 MAX_CREDIT = 256

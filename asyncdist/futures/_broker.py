@@ -5,7 +5,8 @@ Messages (all one-way NOTIFYs unless marked CALL), on the core Connection:
 ===================  ===================  ================================================
 from -> to           name                 arguments
 ===================  ===================  ================================================
-worker -> broker     worker_hello (CALL)  ``{slots, pid, host, name}`` -> ``{wid, consts}``
+worker -> broker     worker_hello (CALL)  ``{slots, pid, host, name}`` -> ``{wid, consts,
+                                          forward_logs}``
 worker -> broker     want                 ``n``: the worker takes n more tasks (credit)
 broker -> worker     run                  ``[[key, attempt, fid, blob], ...], {fid: blob}``
 worker -> broker     started              ``[key, ...], {fid: seconds}``: tasks executing now
@@ -16,7 +17,12 @@ worker -> broker     waiting              ``[key, ...]``: these tasks wait for o
                                           (nested ``sync.map``): their cost no longer
                                           counts against the worker's load
 worker -> broker     leaving              (graceful exit: its tasks go back to the queue)
-client -> broker     client_hello (CALL)  -> ``{cid}``
+client -> broker     client_hello (CALL)  ``[{logs: level}]`` -> ``{cid}``; a level > 0
+                                          asks for the logs of its tasks
+broker -> worker     forward_logs         ``level``: forward records at this level and
+                                          prints (0: stop); also in worker_hello's reply
+worker -> broker     log                  ``[[key, kind, data], ...]`` (see ``_logs``)
+broker -> client     logs                 ``worker_name, host, [[key, kind, data], ...]``
 client -> broker     submit               ``[[tid, fid, blob], ...], {fid: blob}``
 client -> broker     cancel               ``[tid, ...]``
 broker -> client     results              ``[[tid, status, blob], ...]``; status 0 value, 1 error
@@ -57,13 +63,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .._log import get_logger
 from ..codec import Codec
 from ..connection import Connection
 from ..errors import ConnectionClosed, NoWorkersError, ProtocolError, WorkerLost
 
 __all__ = ["Broker"]
 
-log = logging.getLogger("asyncdist.futures.broker")
+log = get_logger("asyncdist.futures.broker")
 
 STATUS_OK = 0
 STATUS_ERROR = 1
@@ -74,6 +81,8 @@ _MAX_CREDIT = 100_000
 _MAX_NAME = 200
 
 Deliver = Callable[[list[list[Any]]], None]
+#: Receives forwarded logs: ``(worker_name, host, entries)``.
+DeliverLogs = Callable[[str, str, list[list[Any]]], None]
 
 
 class _Task:
@@ -136,9 +145,11 @@ class _Worker:
 
 
 class _Client:
-    def __init__(self, cid: int, deliver: Deliver) -> None:
+    def __init__(self, cid: int, deliver: Deliver, logs: DeliverLogs | None = None, level: int = 0) -> None:
         self.cid = cid
         self.deliver = deliver
+        self.logs = logs
+        self.log_level = level if logs is not None else 0
         self.tasks: dict[int, _Task] = {}
         self.outbox: list[list[Any]] = []
         self.closed = False
@@ -172,6 +183,7 @@ class Broker:
         self._cids = itertools.count(1)
         self._dispatch_pending = False
         self._flush_pending = False
+        self._log_level = 0  # the lowest level a client asks forwarded logs at (0: none)
         self._membership = asyncio.Event()
         self._no_workers_timer: asyncio.TimerHandle | None = None
         self._errors = Codec()
@@ -214,10 +226,18 @@ class Broker:
 
     # -- clients -----------------------------------------------------------------------
 
-    def attach_client(self, deliver: Deliver) -> _Client:
-        """Register a client; ``deliver(batch)`` receives ``[[tid, status, blob], ...]``."""
-        client = _Client(next(self._cids), deliver)
+    def attach_client(self, deliver: Deliver, logs: DeliverLogs | None = None, log_level: int = 0) -> _Client:
+        """Register a client; ``deliver(batch)`` receives ``[[tid, status, blob], ...]``.
+
+        With ``logs`` and a ``log_level`` > 0, the workers forward the logs
+        and prints of this client's tasks to ``logs(worker, host, entries)``.
+        """
+        if type(log_level) is not int or log_level < 0:
+            raise ValueError("log_level must be a logging level (an int >= 0)")
+        client = _Client(next(self._cids), deliver, logs, log_level)
         self._clients[client.cid] = client
+        if client.log_level:
+            self._update_log_level()
         return client
 
     def detach_client(self, client: _Client) -> None:
@@ -226,6 +246,8 @@ class Broker:
             return
         client.closed = True
         self._clients.pop(client.cid, None)
+        if client.log_level:
+            self._update_log_level()
         self._cancel_tasks(list(client.tasks.values()))
         client.tasks.clear()
         client.outbox.clear()
@@ -352,6 +374,41 @@ class Broker:
                 task.cost = 0.0
         if self._queue:
             self._schedule_dispatch()
+
+    # -- forwarded logs ----------------------------------------------------------------
+
+    def _update_log_level(self) -> None:
+        levels = [c.log_level for c in self._clients.values() if c.log_level]
+        level = min(levels) if levels else 0
+        if level != self._log_level:
+            self._log_level = level
+            for worker in self._workers.values():
+                self._notify(worker.conn, "forward_logs", level)
+
+    def _logs(self, worker: _Worker, entries: Any) -> None:
+        """Pass each entry on to the client whose task made it (else to every client asking)."""
+        if type(entries) is not list:
+            raise ProtocolError("log: entries must be a list")
+        asking = [c for c in self._clients.values() if c.log_level and c.logs is not None]
+        if not asking:
+            return
+        out: dict[_Client, list[list[Any]]] = {}
+        for entry in entries:
+            if not (type(entry) is list and len(entry) == 3):
+                raise ProtocolError("log: an entry must be [key, kind, data]")
+            key, kind, data = entry
+            task = self._tasks.get(key) if type(key) is int else None
+            targets = [task.client] if task is not None and task.worker is worker else asking
+            level = data.get("levelno", 0) if kind == 0 and isinstance(data, dict) else None
+            for client in targets:
+                if client.log_level and (type(level) is not int or level >= client.log_level):
+                    out.setdefault(client, []).append(entry)
+        for client, batch in out.items():
+            if client.logs is not None and not client.closed:
+                try:
+                    client.logs(worker.name, worker.host, batch)
+                except ConnectionClosed:
+                    self.detach_client(client)
 
     def _update_estimates(self, estimates: Any) -> None:
         if not estimates:
@@ -563,6 +620,7 @@ class _Session:
             "done": self.done,
             "leaving": self.leaving,
             "waiting": self.waiting,
+            "log": self.log,
             "client_hello": self.client_hello,
             "submit": self.submit,
             "cancel": self.cancel,
@@ -585,17 +643,31 @@ class _Session:
         self._role()
         self.worker = self.broker._worker_joined(self.conn, info)
         self.conn.add_close_callback(self._closed)
-        return {"wid": self.worker.wid, "consts": self.broker.consts()}
+        return {
+            "wid": self.worker.wid,
+            "consts": self.broker.consts(),
+            "forward_logs": self.broker._log_level,
+        }
 
-    def client_hello(self) -> dict[str, Any]:
+    def client_hello(self, options: Any = None) -> dict[str, Any]:
         self._role()
         conn = self.conn
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            raise ProtocolError("client_hello: options must be a map")
+        level = options.get("logs", 0)
+        if type(level) is not int or not 0 <= level <= 1000:
+            raise ProtocolError("client_hello: logs must be a logging level")
 
         def deliver(batch: list[list[Any]]) -> None:
             conn.notify_nowait("results", batch)
             conn.flush()
 
-        self.client = self.broker.attach_client(deliver)
+        def logs(worker: str, host: str, entries: list[list[Any]]) -> None:
+            conn.notify_nowait("logs", worker, host, entries)
+
+        self.client = self.broker.attach_client(deliver, logs, level)
         self.conn.add_close_callback(self._closed)
         return {"cid": self.client.cid}
 
@@ -623,6 +695,9 @@ class _Session:
 
     def waiting(self, keys: Any) -> None:
         self.broker._waiting(self._as_worker(), keys)
+
+    def log(self, entries: Any) -> None:
+        self.broker._logs(self._as_worker(), entries)
 
     def submit(self, tasks: Any, functions: Any) -> None:
         if type(tasks) is not list or type(functions) is not dict:

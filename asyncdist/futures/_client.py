@@ -24,12 +24,14 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+from .._log import get_logger
 from .._progress import Progress, progress_bar
 from ..connection import Connection, connect, parse_address
 from ..errors import BrokerLost, ConnectError, ConnectionClosed, ConnectionClosedOK, RemoteError
 from ..security import generate_secret, resolve_secret
 from ..server import Server, serve
 from ._broker import STATUS_OK, Broker
+from ._logs import reemit
 from ._payload import FunctionTable, PayloadCodec
 from ._worker import current_worker
 
@@ -52,7 +54,7 @@ __all__ = [
     "wait",
 ]
 
-log = logging.getLogger("asyncdist.futures")
+log = get_logger("asyncdist.futures")
 
 FIRST_COMPLETED = asyncio.FIRST_COMPLETED
 FIRST_EXCEPTION = asyncio.FIRST_EXCEPTION
@@ -179,9 +181,15 @@ class _LocalLink:
 
     authenticated = True
 
-    def __init__(self, broker: Broker, deliver: Callable[[list[list[Any]]], None]) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        deliver: Callable[[list[list[Any]]], None],
+        logs: Callable[[str, str, list[list[Any]]], None],
+        log_level: int,
+    ) -> None:
         self.broker = broker
-        self.client = broker.attach_client(deliver)
+        self.client = broker.attach_client(deliver, logs, log_level)
         self.fids: set[str] = set()
 
     @property
@@ -343,6 +351,14 @@ class Pool:
     (e.g. ``heartbeat_interval``, ``heartbeat_timeout``): for a local pool
     they apply to its broker and to every local worker's connection, for a
     joined pool to its connection to the broker.
+
+    ``forward_logs=True`` (or a logging level; True is INFO) brings the log
+    records and prints of this pool's tasks here, SCOOP's logger: records
+    are re-emitted through this process's ``logging`` with ``worker`` and
+    ``host`` attributes, prints are written to its stdout and stderr.
+    ``dashboard=True`` (or a port; True is 8787, or a free port when 8787
+    is taken) serves a live web page of the cluster on 127.0.0.1:
+    ``pool.dashboard.url``.
     """
 
     def __init__(
@@ -360,6 +376,8 @@ class Pool:
         close_timeout: float = 5.0,
         nice: int = 10,
         main: str | None = None,
+        forward_logs: bool | int = False,
+        dashboard: bool | int = False,
         **connect_options: Any,
     ) -> None:
         if broker is not None and workers is not None:
@@ -378,6 +396,17 @@ class Pool:
         self.close_timeout = close_timeout
         self.nice = nice
         self._main = main
+        if type(forward_logs) is not bool and (type(forward_logs) is not int or forward_logs < 0):
+            raise ValueError("forward_logs must be True, False or a logging level")
+        #: The level of the worker records sent here (0: none; True asks for INFO).
+        self.forward_logs = logging.INFO if forward_logs is True else int(forward_logs)
+        self._dashboard_port: int | None = None
+        if dashboard is not False:
+            if type(dashboard) is not bool and (type(dashboard) is not int or not 0 <= dashboard < 65536):
+                raise ValueError("dashboard must be True, False or a port")
+            self._dashboard_port = 8787 if dashboard is True else int(dashboard)
+        #: The live dashboard (``dashboard=True``), once started: ``pool.dashboard.url``.
+        self.dashboard: Any = None
         self._connect_options = connect_options
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._link: _LocalLink | _RemoteLink | None = None
@@ -425,6 +454,8 @@ class Pool:
             self._consts = {
                 name: self._payloads.decode(blob) for name, blob in (await self._link.get_consts()).items()
             }
+            if self._dashboard_port is not None:
+                await self._start_dashboard(self._dashboard_port)
         except BaseException:
             await self.aclose()
             raise
@@ -439,7 +470,7 @@ class Pool:
         self._server = await serve(
             self._broker.handlers, host="127.0.0.1", port=0, secret=secret, **self._connect_options
         )
-        self._link = _LocalLink(self._broker, self._on_results)
+        self._link = _LocalLink(self._broker, self._on_results, reemit, self.forward_logs)
         self._payloads = PayloadCodec(authenticated=True)
         self._functions = FunctionTable(self._payloads, main_importable=self._main is not None)
         n = self.workers or 0
@@ -484,12 +515,15 @@ class Pool:
             secret=self._secret,
             secret_file=self._secret_file,
             ssl=self._ssl,
-            handlers={"results": self._on_results},
+            handlers={"results": self._on_results, "logs": reemit},
             accept_pickle="refuse",
             **self._connect_options,
         )
         try:
-            await conn.call("client_hello")
+            if self.forward_logs:
+                await conn.call("client_hello", {"logs": self.forward_logs})
+            else:
+                await conn.call("client_hello")
         except BaseException:
             await conn.close()
             raise
@@ -542,8 +576,28 @@ class Pool:
         finally:
             self._closing.set_result(None)
 
+    async def _start_dashboard(self, port: int) -> None:
+        from ..dashboard import Dashboard  # aiohttp, only for pools that show one
+
+        try:
+            dashboard = Dashboard(self.status, port=port)
+            await dashboard.start()
+        except OSError as exc:
+            if port in (0, 8787) and self._dashboard_port == 8787:
+                # The default port is taken (another pool's dashboard): any free port will do.
+                log.warning("dashboard port %d is taken (%s); using a free port", port, exc)
+                dashboard = Dashboard(self.status, port=0)
+                await dashboard.start()
+            else:
+                raise
+        self.dashboard = dashboard
+        log.info("dashboard at %s", dashboard.url)
+
     async def _close(self) -> None:
         self._closed = True
+        dashboard, self.dashboard = self.dashboard, None
+        if dashboard is not None:
+            await dashboard.aclose()
         waiting, self._waiting = self._waiting, {}
         for sink in set(waiting.values()):
             if isinstance(sink, TaskFuture):

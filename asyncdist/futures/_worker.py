@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import logging
 import math
 import os
 import queue
@@ -39,15 +38,17 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .._log import get_logger, set_worker, tag_all_records
 from ..connection import Connection, connect, parse_address
 from ..errors import ConnectionClosed, SerializationError
 from ..security import resolve_secret
 from ._broker import STATUS_ERROR, STATUS_OK
+from ._logs import LogForwarder, async_task_key
 from ._payload import MAIN_ALIAS, FunctionCache, PayloadCodec
 
 __all__ = ["Worker", "current_worker"]
 
-log = logging.getLogger("asyncdist.futures.worker")
+log = get_logger("asyncdist.futures.worker")
 
 _PREFETCH_SECONDS = 0.02
 _BATCH_SECONDS = 0.005
@@ -136,6 +137,7 @@ class Worker:
         self._threads = 0
         self._surplus = 0
         self._released = 0
+        self._logs: LogForwarder | None = None
         #: The thread running this worker's event loop (None until :meth:`run`).
         self.loop_thread: threading.Thread | None = None
         #: Tasks finished by this worker.
@@ -159,15 +161,22 @@ class Worker:
                 port,
                 secret=self.secret,
                 ssl=self.ssl,
-                handlers={"run": self._on_run, "cancel": self._on_cancel, "consts": self._on_consts},
+                handlers={
+                    "run": self._on_run,
+                    "cancel": self._on_cancel,
+                    "consts": self._on_consts,
+                    "forward_logs": self._on_forward_logs,
+                },
                 accept_pickle="load",
                 **self._connect_options,
             )
             self._payloads = PayloadCodec(authenticated=self.conn.authenticated)
             self._functions = FunctionCache(self._payloads)
             info = {"slots": self.slots, "pid": os.getpid(), "host": socket.gethostname(), "name": self.name}
+            self._logs = LogForwarder(loop, self._send_logs, lambda: getattr(self._task_thread, "key", None))
             reply = await self.conn.call("worker_hello", info)
             self._consts.update(reply.get("consts", {}))
+            self._on_forward_logs(reply.get("forward_logs", 0))
             _current = self
             self._request_more()
             closed = asyncio.ensure_future(self.conn.wait_closed())
@@ -194,6 +203,8 @@ class Worker:
 
     async def _shutdown(self) -> None:
         self._stopping = True
+        if self._logs is not None:
+            self._logs.stop()
         for task in list(self._async.values()):
             task.cancel()
         if self._async:
@@ -272,6 +283,24 @@ class Worker:
     def _on_consts(self, consts: dict[str, bytes]) -> None:
         self._consts.update(consts)
 
+    # -- forwarded logs and prints (see _logs) -----------------------------------------
+
+    def _on_forward_logs(self, level: Any) -> None:
+        """The broker says which records clients want (0: none, stop forwarding)."""
+        logs = self._logs
+        if logs is None or type(level) is not int:
+            return
+        if level > 0 and not self._stopping:
+            logs.start(level)
+        else:
+            logs.stop()
+
+    def _send_logs(self, entries: list[list[Any]]) -> None:
+        conn = self.conn
+        if conn is not None and not conn.closed:
+            with contextlib.suppress(ConnectionClosed):
+                conn.notify_nowait("log", entries)
+
     # -- receiving tasks ---------------------------------------------------------------
 
     def _on_run(self, batch: list[list[Any]], functions: dict[str, bytes]) -> None:
@@ -324,6 +353,7 @@ class Worker:
     async def _run_async(
         self, key: int, attempt: int, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]
     ) -> None:
+        async_task_key.set(key)  # this task's own context: its logs name the task
         try:
             value = await fn(*args, **kwargs)
         except asyncio.CancelledError:
@@ -574,6 +604,9 @@ async def run_worker(
     worker = Worker(
         broker, slots=slots, secret=secret, secret_file=secret_file, ssl=ssl, name=name, **connect_options
     )
+    # This process is a worker: every record names it (the tasks' own records too).
+    set_worker(worker.name)
+    tag_all_records()
     loop = asyncio.get_running_loop()
     # Event-loop signal handlers exist on Unix only (and in the main thread).
     signals = (signal.SIGTERM, signal.SIGINT) if os.name == "posix" and _main_thread() else ()

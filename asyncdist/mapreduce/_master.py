@@ -24,6 +24,7 @@ import ssl as _ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
+from .._log import get_logger
 from ..connection import Connection
 from ..errors import AsyncDistError, ConfigurationError, ConnectionClosed
 from ..security import resolve_secret
@@ -31,7 +32,7 @@ from ..server import Server, serve
 
 __all__ = ["Master"]
 
-log = logging.getLogger("asyncdist.mapreduce")
+log = get_logger("asyncdist.mapreduce")
 
 MAX_ATTEMPTS = 4
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import logging
 import os
 import sqlite3
 import ssl as _ssl
@@ -33,6 +32,7 @@ import threading
 from collections.abc import Coroutine, Generator, Iterable, Sequence
 from typing import Any, Final, Self
 
+from .._log import get_logger
 from ..connection import Options
 from ..errors import (
     AsyncDistError,
@@ -57,7 +57,7 @@ __all__ = [
     "publish",
 ]
 
-log = logging.getLogger("asyncdist.naming")
+log = get_logger("asyncdist.naming")
 
 MAX_URI: Final = 1024
 MAX_META_TAGS: Final = 32

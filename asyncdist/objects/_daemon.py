@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import secrets
 import socket
@@ -12,6 +11,7 @@ from collections.abc import Callable, Generator, Mapping
 from dataclasses import replace
 from typing import Any, Final, Self
 
+from .._log import get_logger
 from .._threads import ThreadPool
 from ..connection import Connection, Options
 from ..security import resolve_secret
@@ -22,7 +22,7 @@ from ._uri import URI, check_object_id
 
 __all__ = ["DAEMON_OBJECT_ID", "Daemon"]
 
-log = logging.getLogger("asyncdist.objects")
+log = get_logger("asyncdist.objects")
 
 #: The id of the daemon's own object (``ping``, ``registered``, ``info``), present in every daemon.
 DAEMON_OBJECT_ID: Final = "asyncdist.daemon"

@@ -31,7 +31,6 @@ import asyncio
 import contextvars
 import functools
 import inspect
-import logging
 import os
 import random
 import secrets
@@ -42,6 +41,7 @@ from dataclasses import replace
 from ssl import SSLContext
 from typing import TYPE_CHECKING, Any, Final
 
+from .._log import get_logger
 from .._threads import ThreadPool
 from ..codec import ObjectRef
 from ..connection import Connection, Options, connect
@@ -70,7 +70,7 @@ __all__ = [
     "ns_address",
 ]
 
-log = logging.getLogger("asyncdist.objects")
+log = get_logger("asyncdist.objects")
 
 #: The object id of the name server in its daemon.
 NS_OBJECT_ID: Final = "asyncdist.naming"

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Mapping
 from ssl import SSLContext
 from typing import Any
 
+from .._log import get_logger
 from ..errors import CommunicationError, NamingError
 from ._daemon import Daemon
 
 __all__ = ["serve"]
 
-log = logging.getLogger("asyncdist.objects")
+log = get_logger("asyncdist.objects")
 
 
 async def serve(

@@ -35,7 +35,6 @@ import collections
 import contextvars
 import functools
 import inspect
-import logging
 import os
 import ssl as _ssl
 import threading
@@ -45,6 +44,7 @@ from types import AsyncGeneratorType
 from typing import Any, Final
 
 from .. import connection as _core
+from .._log import get_logger
 from .._threads import ThreadPool
 from ..codec import ObjectRef
 from ..errors import ConfigurationError, ConnectionClosed, ProtocolError, UnknownObjectError
@@ -56,7 +56,7 @@ from ._service import Policy, Service
 
 __all__ = ["Connection", "Server", "connect", "serve"]
 
-log = logging.getLogger("asyncdist.rpc")
+log = get_logger("asyncdist.rpc")
 
 DEFAULT_PORT: Final = 18861
 _BY_VALUE: Final = (int, float, str, bytes, bytearray, memoryview, list, tuple, dict)

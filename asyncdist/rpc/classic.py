@@ -33,7 +33,6 @@ import builtins as _builtins
 import contextlib
 import importlib
 import io
-import logging
 import os
 import ssl as _ssl
 import sys
@@ -44,6 +43,7 @@ from types import ModuleType
 from typing import Any, Final
 
 from .. import connection as _core
+from .._log import get_logger
 from ..connection import current_connection
 from ..errors import ConfigurationError
 from ..security import check_bind, is_loopback, resolve_secret
@@ -53,7 +53,7 @@ from ._session import Connection, Server, open_connection, start_server
 
 __all__ = ["DEFAULT_PORT", "ClassicConnection", "ClassicService", "connect", "serve"]
 
-log = logging.getLogger("asyncdist.rpc")
+log = get_logger("asyncdist.rpc")
 
 DEFAULT_PORT: Final = 18812
 
