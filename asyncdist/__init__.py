@@ -109,14 +109,18 @@ __all__ = [
 
 #: Names imported on first use: SSHCluster pulls in asyncssh, which workers do not need.
 _LAZY = {"SSHCluster": "cluster"}
+#: Submodules imported on first use as attributes (``asyncdist.sync.map(...)``).
+_LAZY_MODULES = frozenset({"sync"})
 
 
 def __getattr__(name: str) -> object:
+    import importlib
+
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"asyncdist.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'asyncdist' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f"asyncdist.{module}"), name)
     globals()[name] = value
     return value
