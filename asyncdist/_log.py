@@ -25,6 +25,7 @@ HOST = socket.gethostname()
 FORMAT = "%(asctime)s %(levelname)-7s %(host)s %(worker)s %(name)s: %(message)s"
 
 _worker = ""
+_factory_installed = False
 
 
 def set_worker(name: str) -> None:
@@ -37,6 +38,8 @@ class Logger(logging.LoggerAdapter):  # type: ignore[type-arg]
     """A logger adding ``host`` and ``worker`` to each record (caller's ``extra`` kept)."""
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        if _factory_installed:  # every record of this process has them already
+            return msg, kwargs
         extra = kwargs.get("extra")
         kwargs["extra"] = {"host": HOST, "worker": _worker, **(extra or {})}
         return msg, kwargs
@@ -45,9 +48,6 @@ class Logger(logging.LoggerAdapter):  # type: ignore[type-arg]
 def get_logger(name: str) -> Logger:
     """The logger ``name`` (under ``asyncdist.``), tagging records with host and worker."""
     return Logger(logging.getLogger(name), {})
-
-
-_factory_installed = False
 
 
 def tag_all_records() -> None:

@@ -8,7 +8,9 @@ from -> to           name                 arguments
 worker -> broker     worker_hello (CALL)  ``{slots, pid, host, name}`` -> ``{wid, consts,
                                           forward_logs}``
 worker -> broker     want                 ``n``: the worker takes n more tasks (credit)
-broker -> worker     run                  ``[[key, attempt, fid, blob], ...], {fid: blob}``
+broker -> worker     run                  ``[[key, attempt, fid, blob(, log_level)], ...],
+                                          {fid: blob}``; log_level when the task's client
+                                          asks for its logs
 worker -> broker     started              ``[key, ...], {fid: seconds}``: tasks executing now
 worker -> broker     done                 ``[[key, attempt, status, blob], ...], {fid: seconds}``
 broker -> worker     cancel               ``[key, ...]``
@@ -515,7 +517,10 @@ class Broker:
                     task.worker = worker
                     task.started = False
                     worker.running[task.key] = task
-                    batch.append([task.key, task.attempt, task.fid, task.blob])
+                    if task.client.log_level:
+                        batch.append([task.key, task.attempt, task.fid, task.blob, task.client.log_level])
+                    else:
+                        batch.append([task.key, task.attempt, task.fid, task.blob])
                     if task.fid not in worker.fids:
                         worker.fids.add(task.fid)
                         functions[task.fid] = self._functions[task.fid]

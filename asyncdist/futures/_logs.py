@@ -15,7 +15,9 @@ client ``logs`` with the worker's name and host in front):
   already formatted (``msg`` is ``getMessage()``; ``exc_text`` the traceback);
 * ``[key, 1, text]`` / ``[key, 2, text]``: lines printed to stdout / stderr.
 
-``key`` is the broker's task key of the task that made it, or None.
+``key`` is the broker's task key of the task that made it, or None. The
+broker marks the tasks of clients that ask (a log level in the ``run``
+item): the output of other clients' tasks stays with the worker.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class _Handler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.startswith(_QUIET):
             return
+        key = self.forwarder.key()
+        if not self.forwarder.wants(key, record.levelno):
+            return  # not asked for: the worker's own handlers show it
         try:
             data: dict[str, Any] = {k: getattr(record, k, None) for k in _RECORD_FIELDS}
             data["msg"] = record.getMessage()[:_MAX_TEXT]
@@ -65,7 +70,7 @@ class _Handler(logging.Handler):
             self.handleError(record)
             return
         record.asyncdist_forwarded = True
-        self.forwarder.push(RECORD, data)
+        self.forwarder.push(key, RECORD, data)
 
 
 class _Stream:
@@ -81,6 +86,9 @@ class _Stream:
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        key = self._forwarder.key()
+        if not self._forwarder.wants(key, None):
+            return self._original.write(text)  # a task of a client that does not ask
         ident = threading.get_ident()
         with self._lock:
             buffered = self._partial.pop(ident, "") + text
@@ -94,20 +102,22 @@ class _Stream:
             if rest:
                 self._partial[ident] = rest
         if lines:
-            self._forwarder.push(self._kind, lines)
+            self._forwarder.push(key, self._kind, lines)
         return len(text)
 
     def flush(self) -> None:
         with self._lock:
             rest = self._partial.pop(threading.get_ident(), "")
         if rest:
-            self._forwarder.push(self._kind, rest)
+            self._forwarder.push(self._forwarder.key(), self._kind, rest)
+        else:
+            self._original.flush()
 
     def drain(self) -> None:
         with self._lock:
             parts, self._partial = list(self._partial.values()), {}
-        for rest in parts:
-            self._forwarder.push(self._kind, rest)
+        for rest in parts:  # forwarding stops: unfinished lines stay here
+            self._original.write(rest)
 
     def isatty(self) -> bool:
         return False
@@ -123,8 +133,10 @@ class LogForwarder:
     """The worker's side: capture records and prints, send them in batches with ``send``.
 
     ``key_of_thread()`` names the task running in the calling thread (or
-    None); ``send(entries)`` runs on the loop. :meth:`start` and
-    :meth:`stop` run on the loop too.
+    None); ``level_of(key)`` is the level its client asks for, None when it
+    does not ask (its output then stays with the worker, as without
+    forwarding). Output made outside any task goes to every client asking.
+    ``send(entries)`` runs on the loop; :meth:`start` and :meth:`stop` too.
     """
 
     def __init__(
@@ -132,10 +144,12 @@ class LogForwarder:
         loop: Any,
         send: Callable[[list[list[Any]]], None],
         key_of_thread: Callable[[], int | None],
+        level_of: Callable[[int], int | None],
     ) -> None:
         self._loop = loop
         self._send = send
         self._key_of_thread = key_of_thread
+        self._level_of = level_of
         self._pending: deque[list[Any]] = deque()
         self._scheduled = False
         self._handler: _Handler | None = None
@@ -147,26 +161,38 @@ class LogForwarder:
     def active(self) -> bool:
         return self._handler is not None
 
-    def _key(self) -> int | None:
+    def key(self) -> int | None:
+        """The task running here (this thread, or this async task's context), if any."""
         key = self._key_of_thread()
         return key if key is not None else async_task_key.get()
 
-    def push(self, kind: int, data: Any) -> None:
+    def wants(self, key: int | None, levelno: int | None) -> bool:
+        """Whether output of task ``key`` (a record at ``levelno``, or a print: None) goes out."""
+        if self._handler is None:
+            return False
+        level = self.level if key is None else self._level_of(key)
+        return level is not None and (levelno is None or levelno >= level)
+
+    def push(self, key: int | None, kind: int, data: Any) -> None:
         """Queue one entry (any thread); sent on the loop's next iteration."""
         if len(self._pending) >= _MAX_PENDING:
             return  # the client cannot keep up: drop rather than grow without bound
-        self._pending.append([self._key(), kind, data])
+        self._pending.append([key, kind, data])
         if not self._scheduled:
             self._scheduled = True
             with contextlib.suppress(RuntimeError):  # the loop is closed
                 self._loop.call_soon_threadsafe(self._flush)
 
-    def _flush(self) -> None:
-        self._scheduled = False
+    def flush(self) -> None:
+        """Send what is queued now (on the loop; the worker does it before sending results)."""
         pending = self._pending
         batch = [pending.popleft() for _ in range(len(pending))]
         if batch:
             self._send(batch)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        self.flush()
 
     def start(self, level: int) -> None:
         """Forward records at ``level`` and up, and every print; again to change the level."""

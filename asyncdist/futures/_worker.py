@@ -138,6 +138,9 @@ class Worker:
         self._surplus = 0
         self._released = 0
         self._logs: LogForwarder | None = None
+        self._forward_told = False
+        # key -> log level, for the tasks whose clients ask for their logs
+        self._log_levels: dict[int, int] = {}
         #: The thread running this worker's event loop (None until :meth:`run`).
         self.loop_thread: threading.Thread | None = None
         #: Tasks finished by this worker.
@@ -165,7 +168,7 @@ class Worker:
                     "run": self._on_run,
                     "cancel": self._on_cancel,
                     "consts": self._on_consts,
-                    "forward_logs": self._on_forward_logs,
+                    "forward_logs": self._on_forward_logs_told,
                 },
                 accept_pickle="load",
                 **self._connect_options,
@@ -173,10 +176,13 @@ class Worker:
             self._payloads = PayloadCodec(authenticated=self.conn.authenticated)
             self._functions = FunctionCache(self._payloads)
             info = {"slots": self.slots, "pid": os.getpid(), "host": socket.gethostname(), "name": self.name}
-            self._logs = LogForwarder(loop, self._send_logs, lambda: getattr(self._task_thread, "key", None))
+            self._logs = LogForwarder(
+                loop, self._send_logs, lambda: getattr(self._task_thread, "key", None), self._log_levels.get
+            )
             reply = await self.conn.call("worker_hello", info)
             self._consts.update(reply.get("consts", {}))
-            self._on_forward_logs(reply.get("forward_logs", 0))
+            if not self._forward_told:  # a later forward_logs may have come in the same read
+                self._on_forward_logs(reply.get("forward_logs", 0))
             _current = self
             self._request_more()
             closed = asyncio.ensure_future(self.conn.wait_closed())
@@ -285,6 +291,10 @@ class Worker:
 
     # -- forwarded logs and prints (see _logs) -----------------------------------------
 
+    def _on_forward_logs_told(self, level: Any) -> None:
+        self._forward_told = True
+        self._on_forward_logs(level)
+
     def _on_forward_logs(self, level: Any) -> None:
         """The broker says which records clients want (0: none, stop forwarding)."""
         logs = self._logs
@@ -309,7 +319,10 @@ class Worker:
         self._requested = max(0, self._requested - len(batch))
         loop = asyncio.get_running_loop()
         started: list[int] = []
-        for key, attempt, fid, blob in batch:
+        for item in batch:
+            key, attempt, fid, blob = item[0], item[1], item[2], item[3]
+            if len(item) > 4 and type(item[4]) is int:  # its client asks for its logs
+                self._log_levels[key] = item[4]
             try:
                 fn = self._functions.get(fid)
                 call = self._payloads.decode(blob)
@@ -335,6 +348,8 @@ class Worker:
 
     def _on_cancel(self, keys: list[int]) -> None:
         for key in keys:
+            if self._log_levels:
+                self._log_levels.pop(key, None)
             task = self._async.get(key)
             if task is not None:
                 self._cancelled.add(key)
@@ -393,7 +408,7 @@ class Worker:
                     return
                 batch = self._take(fid, 256)
                 self._announce([item[0] for item in batch])
-                self._handle(self._run_batch(batch, inline=True))
+                self._handle(self._run_batch(batch, inline=True, tls=self._task_thread))
                 continue
             if self._free_threads <= 0:
                 return
@@ -518,6 +533,8 @@ class Worker:
         return estimates
 
     def _result(self, key: int, attempt: int, status: int, value: Any) -> None:
+        if self._log_levels:
+            self._log_levels.pop(key, None)
         try:
             blob = self._payloads.encode(value)
         except SerializationError as exc:
@@ -536,6 +553,8 @@ class Worker:
         conn = self.conn
         if conn is None or conn.closed:
             return
+        if self._logs is not None and self._logs.active:
+            self._logs.flush()  # a task's output reaches the broker before its result
         with contextlib.suppress(ConnectionClosed):
             conn.notify_nowait("done", batch, self._take_estimates())
             conn.flush()
