@@ -53,7 +53,7 @@ import concurrent.futures
 import contextlib
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
 from . import csp as _csp
@@ -129,6 +129,8 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = new_event_loop()
+        #: id -> "close it" coroutine function, for everything opened through this module.
+        self.closers: dict[int, Callable[[], Awaitable[Any]]] = {}
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._main, name="asyncdist-sync", daemon=True)
         self.thread.start()
@@ -143,8 +145,13 @@ class _LoopThread:
             self.loop.close()
 
     async def _finish(self) -> None:
-        # Like asyncio.run's end: cancel what is left (the default pool's keeper closes the
+        # First what was opened through this module (pools, daemons, connections), then,
+        # like asyncio.run's end, cancel what is left (the default pool's keeper closes the
         # pool, the MapReduce cluster's guard stops its processes), then async generators.
+        for close in list(self.closers.values()):
+            with contextlib.suppress(Exception):
+                await close()
+        self.closers.clear()
         me = asyncio.current_task()
         tasks = [t for t in asyncio.all_tasks() if t is not me]
         for task in tasks:
@@ -187,10 +194,11 @@ def shutdown(timeout: float = 30.0) -> None:
     """
     global _runner
     with _lock:
-        runner, _runner = _runner, None
-    if runner is not None:
-        if threading.current_thread() is runner.thread:
+        runner = _runner
+        if runner is not None and threading.current_thread() is runner.thread:
             raise RuntimeError("sync.shutdown() cannot run on the sync loop's own thread")
+        _runner = None
+    if runner is not None:
         runner.stop(timeout)
 
 
@@ -205,6 +213,20 @@ def _forget_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _track(owner: object, close: Callable[[], Awaitable[Any]]) -> None:
+    """Await ``close()`` at :func:`shutdown` unless ``owner`` was closed first (:func:`_untrack`).
+
+    Held strongly: a pool dropped without closing is still closed, its workers reaped.
+    """
+    _loop_thread().closers[id(owner)] = close
+
+
+def _untrack(owner: object) -> None:
+    runner = _runner
+    if runner is not None:
+        runner.closers.pop(id(owner), None)
 
 
 def _check_caller(runner: _LoopThread) -> None:
@@ -248,7 +270,11 @@ class Future(concurrent.futures.Future[_T]):
         if task is not None and loop is not None and not self.done():
             with contextlib.suppress(RuntimeError):  # the loop is closed
                 loop.call_soon_threadsafe(task.cancel)
-        return super().cancel()
+        if not super().cancel():
+            return False
+        # Pending until done (never RUNNING), so it cancels; wake wait() and as_completed().
+        self.set_running_or_notify_cancel()
+        return True
 
     def result(self, timeout: float | None = None) -> _T:
         with _waiting():
@@ -266,7 +292,7 @@ def _spawn(coro: Coroutine[Any, Any, _T]) -> Future[_T]:
     fut._loop = runner.loop
 
     def start() -> None:
-        if not fut.set_running_or_notify_cancel():
+        if fut.cancelled():
             coro.close()
             return
         task = runner.loop.create_task(coro)
@@ -275,12 +301,13 @@ def _spawn(coro: Coroutine[Any, Any, _T]) -> Future[_T]:
         def done(t: asyncio.Task[_T]) -> None:
             if fut.done():
                 return
-            if t.cancelled():
-                fut.cancel()
-            elif (exc := t.exception()) is not None:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(t.result())
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
+                if t.cancelled():
+                    fut.cancel()
+                elif (exc := t.exception()) is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(t.result())
 
         task.add_done_callback(done)
 
@@ -303,18 +330,16 @@ def run(coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
     fut = _spawn(coro)
     try:
         with _waiting():
-            return concurrent.futures.Future.result(fut, timeout)
-    except concurrent.futures.TimeoutError:
-        fut.cancel()
-        raise TimeoutError(f"the operation did not finish within {timeout} s") from None
+            concurrent.futures.wait([fut], timeout)
     except BaseException:
         # KeyboardInterrupt in the main thread, or this thread is being torn down: cancel
-        # the operation on the loop, and give it a moment to cancel remotely.
-        if not fut.done():
-            fut.cancel()
-            with contextlib.suppress(BaseException):
-                concurrent.futures.wait([fut], timeout=5.0)
+        # the operation on the loop (the cancellation reaches remote tasks as it goes).
+        fut.cancel()
         raise
+    if not fut.done():
+        fut.cancel()
+        raise TimeoutError(f"the operation did not finish within {timeout} s")
+    return concurrent.futures.Future.result(fut)
 
 
 def call(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
@@ -355,6 +380,7 @@ class Pool:
     def __init__(self, workers: int | None = None, **options: Any) -> None:
         self._pool = _futures.Pool(workers, **options)
         run(self._pool.start())
+        _track(self, self._pool.aclose)
 
     @classmethod
     def _default(cls) -> Pool:
@@ -441,6 +467,7 @@ class Pool:
 
     def close(self) -> None:
         """Stop the pool (and its local workers). Idempotent."""
+        _untrack(self)
         if not self._pool.closed and _runner is not None:
             run(self._pool.aclose())
 
@@ -664,6 +691,7 @@ class Daemon:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *args: Any, **kwargs: Any) -> None:
         self._daemon = _objects.Daemon(host, port, *args, **kwargs)
         run(self._daemon.start())
+        _track(self, self._daemon.aclose)
         self._serving: Future[None] | None = None
 
     @property
@@ -705,6 +733,7 @@ class Daemon:
 
     def shutdown(self) -> None:
         """Stop serving and close every connection (calls in progress finish first)."""
+        _untrack(self)
         if _runner is not None:
             run(self._daemon.aclose())
 
@@ -797,6 +826,7 @@ class RPCConnection:
         root = RemoteRef._of(conn.root)
         object.__setattr__(root, "_members", {})
         self.root = root
+        _track(self, conn.close)
 
     @property
     def closed(self) -> bool:
@@ -804,6 +834,7 @@ class RPCConnection:
 
     def close(self) -> None:
         """Close the connection. Idempotent."""
+        _untrack(self)
         if _runner is not None and not self._conn.closed:
             run(self._conn.close())
 

@@ -37,10 +37,12 @@ Load balancing is pull-based: each worker asks for as many tasks as it can
 start soon (few for long tasks, hundreds for tiny ones), and the broker
 spreads the queue over the workers that asked, many tasks to a frame when
 the queue is deep. The broker also caps what it hands a worker by time:
-workers report each function's mean duration, and a worker gets at most
-about ``slots * 30 ms`` of estimated work at once (two tasks per slot of a
-function not measured yet), so a long map stays balanced to its end even
-when a worker still holds credit from earlier tiny tasks. Results travel
+workers report each function's mean duration, and a worker gets one task
+per slot and, beyond that, at most about ``slots * 30 ms`` of estimated
+work at once (two tasks per slot of a function not measured yet), so a long
+map stays balanced to its end even when a worker still holds credit from
+earlier tiny tasks. A task that waits for other tasks (``waiting``) lends
+its slot: it no longer counts, so a nested map can run on its worker. Results travel
 back to each client in one frame per loop iteration. The broker never
 decodes arguments or results (blobs).
 
@@ -99,6 +101,7 @@ class _Task:
         "key",
         "started",
         "tid",
+        "waiting",
         "worker",
     )
 
@@ -114,6 +117,7 @@ class _Task:
         self.cancelled = False
         self.started = False  # announced as executing by its current worker
         self.cost = 0.0  # estimated seconds, counted in its worker's load
+        self.waiting = False  # waiting for other tasks: its slot runs others meanwhile
 
 
 class _Worker:
@@ -126,6 +130,7 @@ class _Worker:
         self.name = name
         self.credit = 0
         self.load = 0.0  # estimated seconds of the tasks it holds
+        self.lent = 0  # tasks of `running` that wait for other tasks (their slots are lent)
         self.running: dict[int, _Task] = {}
         self.fids: set[str] = set()
         self.leaving = False
@@ -360,6 +365,9 @@ class Broker:
             del self._tasks[key]
             if worker.running.pop(key, None) is not None:
                 worker.load = worker.load - task.cost if worker.running else 0.0
+                if task.waiting:
+                    task.waiting = False
+                    worker.lent -= 1
             worker.completed += 1
             self.stats["completed" if status == STATUS_OK else "failed"] += 1
             self._deliver(task, STATUS_OK if status == STATUS_OK else STATUS_ERROR, blob)
@@ -371,7 +379,9 @@ class Broker:
             raise ProtocolError("waiting: keys must be a list")
         for key in keys:
             task = worker.running.get(key)
-            if task is not None and task.cost:
+            if task is not None and not task.waiting:
+                task.waiting = True
+                worker.lent += 1
                 worker.load = max(0.0, worker.load - task.cost)
                 task.cost = 0.0
         if self._queue:
@@ -454,6 +464,7 @@ class Broker:
         blame_all = not any(task.started for task in worker.running.values())
         for task in worker.running.values():
             task.worker = None
+            task.waiting = False
             blamed = task.started or blame_all
             task.started = False
             if task.cancelled:
@@ -507,7 +518,8 @@ class Broker:
                         queue.popleft()
                         continue
                     cost = estimates.get(task.fid, _LOAD_PER_SLOT / 2)
-                    if worker.running and worker.load + cost > cap:
+                    # Every slot gets a task; beyond that, the estimated load is capped.
+                    if len(worker.running) - worker.lent >= worker.slots and worker.load + cost > cap:
                         worker_full = True
                         break
                     queue.popleft()
@@ -546,6 +558,9 @@ class Broker:
             if worker is not None:
                 if worker.running.pop(task.key, None) is not None:
                     worker.load = worker.load - task.cost if worker.running else 0.0
+                    if task.waiting:
+                        task.waiting = False
+                        worker.lent -= 1
                 by_worker.setdefault(worker, []).append(task.key)
             self.stats["cancelled"] += 1
         for worker, keys in by_worker.items():

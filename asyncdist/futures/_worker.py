@@ -135,7 +135,6 @@ class Worker:
         self._task_thread = threading.local()
         self._threads_lock = threading.Lock()
         self._threads = 0
-        self._surplus = 0
         self._released = 0
         self._logs: LogForwarder | None = None
         self._forward_told = False
@@ -253,9 +252,12 @@ class Worker:
             yield
             return
         self._loop.call_soon_threadsafe(self._give_slot, key)
+        start = time.perf_counter()
         try:
             yield
         finally:
+            # The wait is not the function's own work: keep it out of its measured duration.
+            self._task_thread.waited = getattr(self._task_thread, "waited", 0.0) + time.perf_counter() - start
             with contextlib.suppress(RuntimeError):  # the loop is closed: the worker is gone
                 self._loop.call_soon_threadsafe(self._take_slot)
 
@@ -275,8 +277,7 @@ class Worker:
     def _take_slot(self) -> None:
         self._released -= 1
         self._free_threads -= 2
-        with self._threads_lock:
-            self._surplus += 1
+        self._inbox.put(None)  # one task thread too many now: the next one idle ends
 
     # -- shared constants --------------------------------------------------------------
 
@@ -445,11 +446,6 @@ class Worker:
                     self._loop.call_soon_threadsafe(self._collect)
                 except RuntimeError:  # the loop is closed: the worker is gone
                     return
-            with self._threads_lock:
-                if self._surplus:  # a slot given back was taken back: one thread too many
-                    self._surplus -= 1
-                    self._threads -= 1
-                    return
 
     def _run_batch(self, batch: list[_Item], inline: bool = False, tls: Any = None) -> list[_Result]:
         out: list[_Result] = []
@@ -469,6 +465,9 @@ class Worker:
                 if tls is not None:
                     tls.key = None
             elapsed = time.perf_counter() - start
+            if tls is not None and (waited := getattr(tls, "waited", 0.0)):
+                tls.waited = 0.0
+                elapsed = max(0.0, elapsed - waited)
             out.append((key, attempt, fid, status, value, elapsed))
             if inline and elapsed > _INLINE_LIMIT:
                 # Too slow to run on the loop after all: threads from now on.
