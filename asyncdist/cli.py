@@ -11,6 +11,8 @@
     asyncdist rpc --service MODULE:CLASS [--host 127.0.0.1] [--port 18861] [--allow-public-attrs] [TLS]
     asyncdist rpc-classic --allow-classic [--host 127.0.0.1] [--port 18812] [--secret-file F] [TLS]
     asyncdist run [-n N] script.py [args...]        (also: python -m asyncdist [-n N] script.py)
+    asyncdist dashboard --broker HOST:PORT [--port 8787] [--host 127.0.0.1] [--master HOST:PORT] [...]
+    asyncdist status --broker HOST:PORT [--master HOST:PORT] [--json] [--secret-file F] [TLS]
     asyncdist-worker ...                            (the same as asyncdist worker ...)
 
 TLS options: ``--tls-ca FILE --tls-cert FILE --tls-key FILE`` (mutual TLS;
@@ -26,6 +28,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._log import configure as configure_logging
 from ._version import __version__
 from .errors import AsyncDistError, ConfigurationError
 
@@ -344,6 +347,55 @@ def _file_secret(args: argparse.Namespace) -> bytes | None:
     return resolve_secret(None, secret_file=args.secret_file)
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import Dashboard
+    from .loop import run
+
+    secret = _read_secret_line() if args.secret_stdin else _file_secret(args)
+    dash = Dashboard(
+        args.broker,
+        host=args.host,
+        port=args.port,
+        master=args.master,
+        interval=args.interval,
+        secret=secret,
+        ssl=_ssl_context(args, server=False),
+        insecure=args.insecure,
+        **parse_options(args.option),
+    )
+
+    async def main() -> None:
+        await dash.start()
+        await _serve_until_signal(dash, f"asyncdist dashboard of the broker at {args.broker}: {dash.url}")
+
+    run(main())
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from .dashboard import fetch_status, format_status
+    from .loop import run
+
+    secret = _read_secret_line() if args.secret_stdin else _file_secret(args)
+    status, mr = run(
+        fetch_status(
+            args.broker,
+            master=args.master,
+            secret=secret,
+            ssl=_ssl_context(args, server=False),
+            timeout=args.timeout,
+            **parse_options(args.option),
+        )
+    )
+    if args.json:
+        print(json.dumps({"broker": args.broker, "status": status, "mapreduce": mr}, indent=2))
+    else:
+        print(format_status(status, mr, broker=args.broker))
+    return 0
+
+
 def _cmd_csp_trace(args: argparse.Namespace) -> int:
     from .csp._trace import render
 
@@ -486,6 +538,7 @@ def _cpu_count() -> int:
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", metavar="LEVEL", default=argparse.SUPPRESS, help="as asyncdist --log-level")
     p.add_argument(
         "-n",
         "--workers",
@@ -520,6 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="asyncdist: distributed computing on one authenticated asyncio transport.",
     )
     parser.add_argument("--version", action="version", version=f"asyncdist {__version__}")
+    parser.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        help="log to stderr at this level (DEBUG, INFO, WARNING...; default: $ASYNCDIST_LOG_LEVEL or "
+        "WARNING); records name their host and worker",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("certs", help="write a private CA plus server and client TLS certificates")
@@ -624,6 +683,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_security(p, server=False)
     p.set_defaults(func=_cmd_slave)
 
+    p = sub.add_parser("dashboard", help="serve a live web page of a broker (and a MapReduce master)")
+    p.add_argument("--broker", required=True, help="HOST:PORT of the broker")
+    p.add_argument("--master", help="HOST:PORT of a MapReduce master to show too (same secret)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve the page on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8787, help="port to serve the page on (default 8787; 0: any)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
+    _add_option_argument(p)
+    _add_security(p, server=False)
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host: the page has no authentication (trusted networks only)",
+    )
+    p.set_defaults(func=_cmd_dashboard)
+
+    p = sub.add_parser("status", help="print a broker's workers, queue and counters (and MapReduce jobs)")
+    p.add_argument("--broker", required=True, help="HOST:PORT of the broker")
+    p.add_argument("--master", help="HOST:PORT of a MapReduce master to show too (same secret)")
+    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)")
+    _add_option_argument(p)
+    _add_security(p, server=False)
+    p.set_defaults(func=_cmd_status)
+
     p = sub.add_parser("csp-trace", help="print a CSP trace (csp.TraceInit) as a readable timeline")
     p.add_argument("path", help="the trace file (JSON lines)")
     p.set_defaults(func=_cmd_csp_trace)
@@ -656,6 +739,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    level = getattr(args, "log_level", None)
+    try:
+        configure_logging(level)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if level:
+        os.environ["ASYNCDIST_LOG_LEVEL"] = level  # the workers this command starts log alike
     try:
         return int(args.func(args))
     except (AsyncDistError, OSError) as exc:
