@@ -28,6 +28,7 @@ PUBLIC_MODULES = [
     "asyncdist.cluster",
     "asyncdist.rpc",
     "asyncdist.rpc.classic",
+    "asyncdist.sync",
 ]
 
 
