@@ -29,6 +29,7 @@ PUBLIC_MODULES = [
     "asyncdist.rpc",
     "asyncdist.rpc.classic",
     "asyncdist.sync",
+    "asyncdist.dashboard",
 ]
 
 
