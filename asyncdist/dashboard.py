@@ -323,12 +323,21 @@ class Dashboard:
         return f"http://{host}:{self.port}/"
 
     async def start(self) -> Dashboard:
-        """Start sampling and serving (idempotent); raise OSError if the port is taken."""
+        """Start sampling and serving (idempotent); raise OSError if the port is taken.
+
+        Needs aiohttp (``pip install 'asyncdist[dashboard]'``): without it,
+        :class:`~asyncdist.errors.ConfigurationError` says so.
+        """
         if self._runner is not None:
             return self
         if self._closing is not None:
             raise RuntimeError("this dashboard was closed")
-        from aiohttp import web
+        try:
+            from aiohttp import web
+        except ImportError as exc:
+            raise ConfigurationError(
+                "the dashboard needs aiohttp: pip install 'asyncdist[dashboard]'"
+            ) from exc
 
         app = web.Application(middlewares=[self._guard()])
         app.router.add_get("/", self._page)

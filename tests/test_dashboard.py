@@ -722,6 +722,41 @@ async def test_port_in_use_raises_and_leaks_nothing() -> None:
         await second.aclose()
 
 
+async def test_pool_dashboard_moves_off_a_taken_default_port() -> None:
+    """``Pool(dashboard=True)`` takes 8787, or a free port when another dashboard has it."""
+
+    async def status() -> dict[str, Any]:
+        return {"stats": {}, "workers": []}
+
+    holder = Dashboard(status, port=8787)
+    try:
+        await holder.start()
+    except OSError:
+        pytest.skip("port 8787 is in use by another program here")
+    try:
+        async with asyncdist.Pool(workers=0, dashboard=True) as pool:
+            dash = pool.dashboard
+            assert isinstance(dash, Dashboard)
+            assert dash.port not in (0, 8787)
+            async with client() as session:
+                body = await get_json(session, f"http://127.0.0.1:{dash.port}/api/status")
+            assert body["workers"] == 0
+        assert pool.dashboard is None
+    finally:
+        await holder.aclose()
+
+
+async def test_without_aiohttp_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def status() -> dict[str, Any]:
+        return {"stats": {}, "workers": []}
+
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # import aiohttp now raises ImportError
+    dash = Dashboard(status, port=0)
+    with pytest.raises(asyncdist.ConfigurationError, match=r"asyncdist\[dashboard\]"):
+        await dash.start()
+    await dash.aclose()
+
+
 # -- found with the dashboard --------------------------------------------------------------------------------
 
 

@@ -1,0 +1,237 @@
+"""An aiohttp service that awaits a worker pool, a remote object and an RPC service.
+
+The pattern: open the asyncdist clients once, in a cleanup context (``app.cleanup_ctx``:
+the code before its ``yield`` runs at startup, the code after it at cleanup), keep them in
+``app[CLIENTS]``, and let every request share them. Each is asyncio-native, so a handler
+awaits ``pool.map(...)`` (the work runs in worker processes), a method of a remote object
+(``asyncdist.Proxy``) or of an RPC service (``rpc.connect``) without blocking the event
+loop, and one connection of each carries any number of concurrent requests.
+
+Run it::
+
+    python examples/web/aiohttp_app.py [--port 8080]
+    curl 'http://127.0.0.1:8080/combined?item=pear&n=5'
+    # {"item": "pear", "cents": 150, "with_vat": 180, "squares": [0, 1, 4, 9, 16]}
+
+Endpoints (GET, JSON):
+
+    /health                   {"status": "ok"}, answered by the event loop alone
+    /square?n=5               await pool.map(square, range(n))
+    /spin?tasks=4&ms=100      CPU-bound tasks: the local workers run at nice 10, so the
+                              service stays responsive while they compute
+    /shop/apple               a call on the remote Shop object (404 for an unknown item)
+    /rpc/vat?cents=120        a call to the RPC pricing service
+    /combined?item=apple&n=5  all three: the Shop's price, then its VAT and the squares at once
+
+In production the cluster, the Shop and the RPC service are other processes, named by
+environment variables; each one that is not set is replaced by a demo started with the
+clients, so that this file runs as it is:
+
+    ASYNCDIST_BROKER    host:port of a broker to join (``asyncdist broker``, with workers
+                        started by ``asyncdist-worker``); else a local Pool of 2 worker processes
+    ASYNCDIST_SECRET    the shared secret of the broker, the daemon and the RPC server
+    ASYNCDIST_SHOP_URI  the Shop's URI (``adist:ID@HOST:PORT``, or ``adistname:NAME`` through
+                        the name server); else an ``asyncdist.Daemon`` here serves one
+    ASYNCDIST_RPC_ADDR  host:port of an RPC server of PricingService (``cd examples/web &&
+                        asyncdist rpc --service aiohttp_app:PricingService``); else one here
+
+The functions given to the pool are defined at module level: the workers import them (they
+get this process's sys.path), or receive them by value when this file runs as a script.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+import asyncdist
+from asyncdist import rpc
+
+log = logging.getLogger("aiohttp_app")
+
+MAX_N = 1000
+
+
+# -- tasks for the pool (module level, so that the workers can import them) ------------------
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def spin(ms: int) -> None:
+    """CPU-bound work: keep one CPU busy for ``ms`` milliseconds."""
+    end = time.perf_counter() + ms / 1000
+    while time.perf_counter() < end:
+        pass
+
+
+# -- the demo servers (in production: other processes) ---------------------------------------
+
+
+@asyncdist.expose
+class Shop:
+    """A remote object, served by a Daemon: prices in cents."""
+
+    def __init__(self, prices: dict[str, int] | None = None) -> None:
+        self._prices = prices or {"apple": 120, "pear": 150, "plum": 80}
+
+    def price(self, item: str) -> int:
+        return self._prices[item]  # a KeyError reaches the caller as a KeyError
+
+
+class PricingService(rpc.Service):
+    """An RPC service."""
+
+    vat_percent = 20
+
+    def exposed_with_vat(self, cents: int) -> int:
+        return cents * (100 + self.vat_percent) // 100
+
+
+# -- the clients, opened in a cleanup context ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Clients:
+    """The asyncdist clients, opened once and shared by every request."""
+
+    pool: asyncdist.Pool
+    shop: asyncdist.Proxy
+    pricing: rpc.Connection
+
+
+CLIENTS = web.AppKey("clients", Clients)
+
+
+def make_pool() -> asyncdist.Pool:
+    """Join the cluster at ASYNCDIST_BROKER, else start 2 local workers (at nice 10)."""
+    if broker := os.environ.get("ASYNCDIST_BROKER"):
+        return asyncdist.Pool(broker=broker, secret=os.environ.get("ASYNCDIST_SECRET"))
+    return asyncdist.Pool(workers=2)
+
+
+async def open_clients(stack: contextlib.AsyncExitStack) -> Clients:
+    """Open the clients (and the demo servers that are needed); ``stack`` closes them."""
+    shop_uri = os.environ.get("ASYNCDIST_SHOP_URI")
+    if not shop_uri:
+        daemon = await stack.enter_async_context(asyncdist.Daemon())
+        shop_uri = daemon.register(Shop())
+    rpc_addr = os.environ.get("ASYNCDIST_RPC_ADDR")
+    if not rpc_addr:
+        server = await stack.enter_async_context(rpc.serve(PricingService, port=0))
+        rpc_addr = f"127.0.0.1:{server.port}"
+    host, port = asyncdist.parse_address(rpc_addr)
+    clients = Clients(
+        pool=await stack.enter_async_context(make_pool()),
+        shop=await stack.enter_async_context(asyncdist.Proxy(shop_uri, timeout=10)),
+        pricing=await stack.enter_async_context(rpc.connect(host, port)),
+    )
+    log.info("asyncdist clients open: %r, shop %s, pricing at %s", clients.pool, shop_uri, rpc_addr)
+    return clients
+
+
+async def asyncdist_clients(app: web.Application) -> AsyncIterator[None]:
+    async with contextlib.AsyncExitStack() as stack:
+        app[CLIENTS] = await open_clients(stack)
+        yield
+    log.info("asyncdist clients closed")
+
+
+# -- the endpoints ------------------------------------------------------------------------------
+
+routes = web.RouteTableDef()
+
+
+def int_param(request: web.Request, name: str, default: int | None, low: int, high: int) -> int:
+    """The query parameter ``name``, an integer from ``low`` to ``high`` (else 400 Bad Request)."""
+    raw = request.query.get(name)
+    if raw is None and default is not None:
+        return default
+    try:
+        value = int(raw or "")
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise web.HTTPBadRequest(text=f"{name} must be an integer from {low} to {high}")
+    return value
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/square")
+async def squares(request: web.Request) -> web.Response:
+    n = int_param(request, "n", 10, 0, MAX_N)
+    squares = await request.app[CLIENTS].pool.map(square, range(n))
+    return web.json_response({"n": n, "squares": squares})
+
+
+@routes.get("/spin")
+async def spin_workers(request: web.Request) -> web.Response:
+    tasks = int_param(request, "tasks", 4, 1, MAX_N)
+    ms = int_param(request, "ms", 100, 1, 10_000)
+    await request.app[CLIENTS].pool.map(spin, [ms] * tasks)
+    return web.json_response({"tasks": tasks, "ms": ms})
+
+
+async def shop_price(clients: Clients, item: str) -> int:
+    try:
+        cents: int = await clients.shop.price(item)
+    except KeyError:
+        raise web.HTTPNotFound(text=f"no such item: {item}") from None
+    return cents
+
+
+@routes.get("/shop/{item}")
+async def price(request: web.Request) -> web.Response:
+    item = request.match_info["item"]
+    return web.json_response({"item": item, "cents": await shop_price(request.app[CLIENTS], item)})
+
+
+@routes.get("/rpc/vat")
+async def vat(request: web.Request) -> web.Response:
+    cents = int_param(request, "cents", None, 0, 10**12)
+    with_vat = await request.app[CLIENTS].pricing.root.with_vat(cents)
+    return web.json_response({"cents": cents, "with_vat": with_vat})
+
+
+@routes.get("/combined")
+async def combined(request: web.Request) -> web.Response:
+    clients = request.app[CLIENTS]
+    item = request.query.get("item", "apple")
+    n = int_param(request, "n", 10, 0, MAX_N)
+    cents = await shop_price(clients, item)
+    async with asyncio.TaskGroup() as tg:  # the RPC call and the map run at the same time
+        with_vat = tg.create_task(clients.pricing.root.with_vat(cents))
+        squares = tg.create_task(clients.pool.map(square, range(n)))
+    body = {"item": item, "cents": cents, "with_vat": with_vat.result(), "squares": squares.result()}
+    return web.json_response(body)
+
+
+def create_app() -> web.Application:
+    app = web.Application()
+    app.cleanup_ctx.append(asyncdist_clients)
+    app.add_routes(routes)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="asyncdist in an aiohttp service")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s: %(message)s")
+    web.run_app(create_app(), host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""A FastAPI service that awaits a worker pool, a remote object and an RPC service.
+
+The pattern: open the asyncdist clients once, in the app's lifespan, keep them on
+``app.state``, and let every request share them. Each is asyncio-native, so a handler
+awaits ``pool.map(...)`` (the work runs in worker processes), a method of a remote object
+(``asyncdist.Proxy``) or of an RPC service (``rpc.connect``) without blocking the event
+loop, and one connection of each carries any number of concurrent requests.
+
+Run it::
+
+    python examples/web/fastapi_app.py [--port 8000]
+    curl 'http://127.0.0.1:8000/combined?item=pear&n=5'
+    # {"item":"pear","cents":150,"with_vat":180,"squares":[0,1,4,9,16]}
+
+Endpoints (GET, JSON):
+
+    /health                   {"status": "ok"}, answered by the event loop alone
+    /square?n=5               await pool.map(square, range(n))
+    /spin?tasks=4&ms=100      CPU-bound tasks: the local workers run at nice 10, so the
+                              service stays responsive while they compute
+    /shop/apple               a call on the remote Shop object (404 for an unknown item)
+    /rpc/vat?cents=120        a call to the RPC pricing service
+    /combined?item=apple&n=5  all three: the Shop's price, then its VAT and the squares at once
+
+In production the cluster, the Shop and the RPC service are other processes, named by
+environment variables; each one that is not set is replaced by a demo started in the
+lifespan, so that this file runs as it is:
+
+    ASYNCDIST_BROKER    host:port of a broker to join (``asyncdist broker``, with workers
+                        started by ``asyncdist-worker``); else a local Pool of 2 worker processes
+    ASYNCDIST_SECRET    the shared secret of the broker, the daemon and the RPC server
+    ASYNCDIST_SHOP_URI  the Shop's URI (``adist:ID@HOST:PORT``, or ``adistname:NAME`` through
+                        the name server); else an ``asyncdist.Daemon`` here serves one
+    ASYNCDIST_RPC_ADDR  host:port of an RPC server of PricingService (``cd examples/web &&
+                        asyncdist rpc --service fastapi_app:PricingService``); else one here
+
+The functions given to the pool are defined at module level: the workers import them (they
+get this process's sys.path), or receive them by value when this file runs as a script.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from pydantic import BaseModel
+
+import asyncdist
+from asyncdist import rpc
+
+log = logging.getLogger("fastapi_app")
+
+MAX_N = 1000
+
+
+# -- tasks for the pool (module level, so that the workers can import them) ------------------
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def spin(ms: int) -> None:
+    """CPU-bound work: keep one CPU busy for ``ms`` milliseconds."""
+    end = time.perf_counter() + ms / 1000
+    while time.perf_counter() < end:
+        pass
+
+
+# -- the demo servers (in production: other processes) ---------------------------------------
+
+
+@asyncdist.expose
+class Shop:
+    """A remote object, served by a Daemon: prices in cents."""
+
+    def __init__(self, prices: dict[str, int] | None = None) -> None:
+        self._prices = prices or {"apple": 120, "pear": 150, "plum": 80}
+
+    def price(self, item: str) -> int:
+        return self._prices[item]  # a KeyError reaches the caller as a KeyError
+
+
+class PricingService(rpc.Service):
+    """An RPC service."""
+
+    vat_percent = 20
+
+    def exposed_with_vat(self, cents: int) -> int:
+        return cents * (100 + self.vat_percent) // 100
+
+
+# -- the clients, opened in the lifespan ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Clients:
+    """The asyncdist clients, opened once and shared by every request."""
+
+    pool: asyncdist.Pool
+    shop: asyncdist.Proxy
+    pricing: rpc.Connection
+
+
+def make_pool() -> asyncdist.Pool:
+    """Join the cluster at ASYNCDIST_BROKER, else start 2 local workers (at nice 10)."""
+    if broker := os.environ.get("ASYNCDIST_BROKER"):
+        return asyncdist.Pool(broker=broker, secret=os.environ.get("ASYNCDIST_SECRET"))
+    return asyncdist.Pool(workers=2)
+
+
+async def open_clients(stack: contextlib.AsyncExitStack) -> Clients:
+    """Open the clients (and the demo servers that are needed); ``stack`` closes them."""
+    shop_uri = os.environ.get("ASYNCDIST_SHOP_URI")
+    if not shop_uri:
+        daemon = await stack.enter_async_context(asyncdist.Daemon())
+        shop_uri = daemon.register(Shop())
+    rpc_addr = os.environ.get("ASYNCDIST_RPC_ADDR")
+    if not rpc_addr:
+        server = await stack.enter_async_context(rpc.serve(PricingService, port=0))
+        rpc_addr = f"127.0.0.1:{server.port}"
+    host, port = asyncdist.parse_address(rpc_addr)
+    clients = Clients(
+        pool=await stack.enter_async_context(make_pool()),
+        shop=await stack.enter_async_context(asyncdist.Proxy(shop_uri, timeout=10)),
+        pricing=await stack.enter_async_context(rpc.connect(host, port)),
+    )
+    log.info("asyncdist clients open: %r, shop %s, pricing at %s", clients.pool, shop_uri, rpc_addr)
+    return clients
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async with contextlib.AsyncExitStack() as stack:
+        app.state.clients = await open_clients(stack)
+        yield
+    log.info("asyncdist clients closed")
+
+
+async def get_clients(request: Request) -> Clients:  # async: no thread hop per request
+    clients: Clients = request.app.state.clients
+    return clients
+
+
+ClientsDep = Annotated[Clients, Depends(get_clients)]
+N = Annotated[int, Query(ge=0, le=MAX_N)]
+
+app = FastAPI(title="asyncdist in FastAPI", lifespan=lifespan)
+
+
+# -- the endpoints ------------------------------------------------------------------------------
+
+
+class Squares(BaseModel):
+    n: int
+    squares: list[int]
+
+
+class Spun(BaseModel):
+    tasks: int
+    ms: int
+
+
+class Price(BaseModel):
+    item: str
+    cents: int
+
+
+class Vat(BaseModel):
+    cents: int
+    with_vat: int
+
+
+class Combined(BaseModel):
+    item: str
+    cents: int
+    with_vat: int
+    squares: list[int]
+
+
+@app.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@app.get("/square")
+async def squares(clients: ClientsDep, n: N = 10) -> Squares:
+    return Squares(n=n, squares=await clients.pool.map(square, range(n)))
+
+
+@app.get("/spin")
+async def spin_workers(
+    clients: ClientsDep,
+    tasks: Annotated[int, Query(ge=1, le=MAX_N)] = 4,
+    ms: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> Spun:
+    await clients.pool.map(spin, [ms] * tasks)
+    return Spun(tasks=tasks, ms=ms)
+
+
+async def shop_price(clients: Clients, item: str) -> int:
+    try:
+        cents: int = await clients.shop.price(item)
+    except KeyError:
+        raise HTTPException(404, f"no such item: {item}") from None
+    return cents
+
+
+@app.get("/shop/{item}")
+async def price(clients: ClientsDep, item: str) -> Price:
+    return Price(item=item, cents=await shop_price(clients, item))
+
+
+@app.get("/rpc/vat")
+async def vat(clients: ClientsDep, cents: Annotated[int, Query(ge=0)]) -> Vat:
+    return Vat(cents=cents, with_vat=await clients.pricing.root.with_vat(cents))
+
+
+@app.get("/combined")
+async def combined(clients: ClientsDep, item: str = "apple", n: N = 10) -> Combined:
+    cents = await shop_price(clients, item)
+    async with asyncio.TaskGroup() as tg:  # the RPC call and the map run at the same time
+        with_vat = tg.create_task(clients.pricing.root.with_vat(cents))
+        squares = tg.create_task(clients.pool.map(square, range(n)))
+    return Combined(item=item, cents=cents, with_vat=with_vat.result(), squares=squares.result())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="asyncdist in a FastAPI service (uvicorn)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()
