@@ -91,9 +91,10 @@ def serve(nice: int) -> None:
     exit_when_parent_exits()
     sys.path.insert(0, str(WEB))  # the workers inherit it: the tasks travel by reference
     import fastapi_app
+    import services
 
     # The lifespan calls make_pool() to make its pool: here, local workers at this nice.
-    fastapi_app.make_pool = lambda: asyncdist.Pool(workers=WORKERS, nice=nice)
+    services.make_pool = lambda: asyncdist.Pool(workers=WORKERS, nice=nice)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(256)  # connections wait in the backlog until the lifespan has started the pool

@@ -75,6 +75,11 @@ class Example:
     name: str
     module: ModuleType
 
+    @property
+    def services(self) -> ModuleType:
+        """What both examples share (examples/web/services.py): tasks, demo servers, clients."""
+        return importlib.import_module("services")
+
     def new_app(self) -> Any:
         """The app as a server runs it (FastAPI's is the module's ``app``; aiohttp's is made)."""
         return self.module.app if self.name == "fastapi_app" else self.module.create_app()
@@ -221,7 +226,7 @@ async def test_the_clients_open_at_startup_and_close_at_shutdown(example: Exampl
     earlier = example.clients(app)  # FastAPI's module-level app may have run in another test
     async with example.serving(app) as url:
         clients = example.clients(app)
-        assert isinstance(clients, example.module.Clients)
+        assert isinstance(clients, example.services.Clients)
         assert clients is not earlier
         # Open before the first request: a local pool with 2 workers at nice 10, and connections.
         assert not clients.pool.closed
@@ -244,7 +249,7 @@ async def test_the_clients_open_at_startup_and_close_at_shutdown(example: Exampl
     assert shop_conn.closed
     assert clients.pricing.closed
     with pytest.raises(asyncdist.ConnectionClosed):
-        await clients.pool.map(example.module.square, [1])
+        await clients.pool.map(example.services.square, [1])
 
 
 @pytest.mark.timeout(120)
@@ -283,7 +288,7 @@ async def test_servers_named_by_the_environment(
 ) -> None:
     """With ASYNCDIST_BROKER, _SECRET, _SHOP_URI and _RPC_ADDR set, the app joins those servers
     (here: a cluster, a daemon and an RPC server of this test) and starts none of its own."""
-    shop = example.module.Shop({"apple": 1000, "fig": 7})
+    shop = example.services.Shop({"apple": 1000, "fig": 7})
     async with (
         asyncdist.Pool(workers=1, secret=secret) as cluster,
         asyncdist.Daemon(secret=secret) as daemon,
@@ -315,7 +320,7 @@ async def test_servers_named_by_the_environment(
         # The app's shutdown closed its connections to the servers, which serve on.
         await eventually(lambda: not daemon.server.connections, "the proxy's connection stayed open")
         await eventually(lambda: not pricing.connections, "the RPC connection stayed open")
-        assert await cluster.map(example.module.square, [3]) == [9]
+        assert await cluster.map(example.services.square, [3]) == [9]
 
 
 @pytest.mark.timeout(120)
@@ -409,4 +414,5 @@ async def test_the_script(name: str, how: str, tmp_path: Path) -> None:
 
 
 def test_every_web_example_is_tested() -> None:
-    assert {p.name for p in WEB.glob("*.py")} == {"fastapi_app.py", "aiohttp_app.py"}
+    # services.py is what both share: the tests above run it through each app.
+    assert {p.name for p in WEB.glob("*.py")} == {"fastapi_app.py", "aiohttp_app.py", "services.py"}
