@@ -22,17 +22,10 @@ Endpoints (GET, JSON):
     /rpc/vat?cents=120        a call to the RPC pricing service
     /combined?item=apple&n=5  all three: the Shop's price, then its VAT and the squares at once
 
-In production the cluster, the Shop and the RPC service are other processes, named by
-environment variables; each one that is not set is replaced by a demo started in the
-lifespan, so that this file runs as it is:
-
-    ASYNCDIST_BROKER    host:port of a broker to join (``asyncdist broker``, with workers
-                        started by ``asyncdist-worker``); else a local Pool of 2 worker processes
-    ASYNCDIST_SECRET    the shared secret of the broker, the daemon and the RPC server
-    ASYNCDIST_SHOP_URI  the Shop's URI (``adist:ID@HOST:PORT``, or ``adistname:NAME`` through
-                        the name server); else an ``asyncdist.Daemon`` here serves one
-    ASYNCDIST_RPC_ADDR  host:port of an RPC server of PricingService (``cd examples/web &&
-                        asyncdist rpc --service services:PricingService``); else one here
+In production the cluster, the Shop and the RPC service are other processes, named by the
+environment variables ASYNCDIST_BROKER (+ ASYNCDIST_SECRET), ASYNCDIST_SHOP_URI and
+ASYNCDIST_RPC_ADDR; each one that is not set is replaced by a demo started with the clients,
+so that this file runs as it is (see ``services.py``).
 
 The tasks, the demo servers and the opening of the clients are in ``services.py`` beside this
 file (shared with the other web example); the workers import the tasks from it by name (they

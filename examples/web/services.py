@@ -5,9 +5,17 @@ remote Shop, an RPC connection to a PricingService) with :func:`open_clients`, e
 framework's own startup hook. The tasks are module-level functions here, so that the
 workers import them by name (they get the app's sys.path, where this directory is).
 
-An RPC server of the demo service, as another process::
+In production the cluster, the Shop and the RPC service are other processes, named by
+environment variables; each one that is not set is replaced by a demo started with the
+clients, so that the examples run as they are:
 
-    cd examples/web && asyncdist rpc --service services:PricingService
+    ASYNCDIST_BROKER    host:port of a broker to join (``asyncdist broker``, with workers
+                        started by ``asyncdist-worker``); else a local Pool of 2 worker processes
+    ASYNCDIST_SECRET    the shared secret of the broker, the daemon and the RPC server
+    ASYNCDIST_SHOP_URI  the Shop's URI (``adist:ID@HOST:PORT``, or ``adistname:NAME`` through
+                        the name server); else an ``asyncdist.Daemon`` here serves one
+    ASYNCDIST_RPC_ADDR  host:port of an RPC server of PricingService (``cd examples/web &&
+                        asyncdist rpc --service services:PricingService``); else one here
 """
 
 import contextlib
