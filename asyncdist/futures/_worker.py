@@ -130,8 +130,8 @@ class Worker:
         self._consts: dict[str, bytes] = {}
         self._const_values: dict[str, Any] = {}
         self._stopped: asyncio.Future[None] | None = None
-        # Task threads: how many run, how many should exit (slots taken back), and the slots
-        # given back by tasks that wait for other tasks (see slot_released).
+        # Task threads: the current task's key per thread, how many threads run, and how many
+        # slots tasks waiting for other tasks have lent (see slot_released).
         self._task_thread = threading.local()
         self._threads_lock = threading.Lock()
         self._threads = 0
