@@ -76,7 +76,9 @@ __all__ = [
     "FIRST_COMPLETED",
     "FIRST_EXCEPTION",
     "Channel",
+    "ClassicConnection",
     "Daemon",
+    "Future",
     "Job",
     "Parallel",
     "Pool",
@@ -129,8 +131,9 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = new_event_loop()
-        #: id -> "close it" coroutine function, for everything opened through this module.
-        self.closers: dict[int, Callable[[], Awaitable[Any]]] = {}
+        #: id(owner) -> (owner, its "close it" coroutine function), for what was opened here
+        #: and not closed yet (the owner is held, so that its id is not reused meanwhile).
+        self.closers: dict[int, tuple[object, Callable[[], Awaitable[Any]]]] = {}
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._main, name="asyncdist-sync", daemon=True)
         self.thread.start()
@@ -148,7 +151,7 @@ class _LoopThread:
         # First what was opened through this module (pools, daemons, connections), then,
         # like asyncio.run's end, cancel what is left (the default pool's keeper closes the
         # pool, the MapReduce cluster's guard stops its processes), then async generators.
-        for close in list(self.closers.values()):
+        for _, close in list(self.closers.values()):
             with contextlib.suppress(Exception):
                 await close()
         self.closers.clear()
@@ -220,7 +223,7 @@ def _track(owner: object, close: Callable[[], Awaitable[Any]]) -> None:
 
     Held strongly: a pool dropped without closing is still closed, its workers reaped.
     """
-    _loop_thread().closers[id(owner)] = close
+    _loop_thread().closers[id(owner)] = (owner, close)
 
 
 def _untrack(owner: object) -> None:
