@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from _util import SCALE, alive, pids_with_env, stop
+from _util import SCALE, alive, eventually, pids_with_env, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 CSP_EXAMPLES = ROOT / "examples" / "csp"
@@ -95,7 +95,8 @@ async def test_leftover_check_sees_a_stray_process(run: Run) -> None:
     """The check the other tests rely on finds a marked process that still runs (and only while it runs)."""
     # It reads a pipe whose write end it holds itself: it runs until it is stopped.
     sleeper = await run.start("-c", "import os; os.read(os.pipe()[0], 1)")
-    assert leftovers(run.marker) == [sleeper.pid]
+    # Until the child has exec'd, /proc shows the parent's environment, without the marker.
+    await eventually(lambda: leftovers(run.marker) == [sleeper.pid], "the check did not see the sleeper")
     await stop(sleeper)
     assert leftovers(run.marker) == []
 
