@@ -583,7 +583,7 @@ class Pool:
             dashboard = Dashboard(self.status, port=port)
             await dashboard.start()
         except OSError as exc:
-            if port in (0, 8787) and self._dashboard_port == 8787:
+            if port == 8787:
                 # The default port is taken (another pool's dashboard): any free port will do.
                 log.warning("dashboard port %d is taken (%s); using a free port", port, exc)
                 dashboard = Dashboard(self.status, port=0)

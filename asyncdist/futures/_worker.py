@@ -154,6 +154,7 @@ class Worker:
         self._stopped = loop.create_future()
         self._loop = loop
         self.loop_thread = threading.current_thread()
+        self._init_task_thread()  # tiny tasks run inline, on this thread
         for _ in range(self.slots):
             self._start_runner()
         try:
@@ -257,7 +258,7 @@ class Worker:
             yield
         finally:
             # The wait is not the function's own work: keep it out of its measured duration.
-            self._task_thread.waited = getattr(self._task_thread, "waited", 0.0) + time.perf_counter() - start
+            self._task_thread.waited += time.perf_counter() - start
             with contextlib.suppress(RuntimeError):  # the loop is closed: the worker is gone
                 self._loop.call_soon_threadsafe(self._take_slot)
 
@@ -409,7 +410,7 @@ class Worker:
                     return
                 batch = self._take(fid, 256)
                 self._announce([item[0] for item in batch])
-                self._handle(self._run_batch(batch, inline=True, tls=self._task_thread))
+                self._handle(self._run_batch(batch, inline=True))
                 continue
             if self._free_threads <= 0:
                 return
@@ -430,15 +431,20 @@ class Worker:
             batch.append(queue.popleft())
         return batch
 
+    def _init_task_thread(self) -> None:
+        self._task_thread.key = None
+        self._task_thread.waited = 0.0
+
     def _runner(self) -> None:
         """A task thread: run batches from the inbox, hand results back to the loop."""
+        self._init_task_thread()
         while True:
             batch = self._inbox.get()
             if batch is None:
                 with self._threads_lock:
                     self._threads -= 1
                 return
-            results = self._run_batch(batch, tls=self._task_thread)
+            results = self._run_batch(batch)
             self._outq.append(results)
             if not self._wake_pending:
                 self._wake_pending = True
@@ -447,25 +453,24 @@ class Worker:
                 except RuntimeError:  # the loop is closed: the worker is gone
                     return
 
-    def _run_batch(self, batch: list[_Item], inline: bool = False, tls: Any = None) -> list[_Result]:
+    def _run_batch(self, batch: list[_Item], inline: bool = False) -> list[_Result]:
         out: list[_Result] = []
+        tls = self._task_thread  # this thread's: the running task's key, time lent while waiting
         cancelled = self._cancelled
         for key, attempt, fid, fn, args, kwargs in batch:
             if key in cancelled:
                 continue
             start = time.perf_counter()
-            if tls is not None:
-                tls.key = key
+            tls.key = key
             try:
                 value = fn(*args, **kwargs)
                 status = STATUS_OK
             except Exception as exc:
                 value, status = exc, STATUS_ERROR
             finally:
-                if tls is not None:
-                    tls.key = None
+                tls.key = None
             elapsed = time.perf_counter() - start
-            if tls is not None and (waited := getattr(tls, "waited", 0.0)):
+            if waited := tls.waited:
                 tls.waited = 0.0
                 elapsed = max(0.0, elapsed - waited)
             out.append((key, attempt, fid, status, value, elapsed))
