@@ -494,7 +494,7 @@ def map(
     progress: Progress = False,
 ) -> list[Any]:
     """:meth:`Pool.map` on the default pool (the launcher's, the worker's, or a local one)."""
-    return Pool._default().map(fn, *iterables, timeout=timeout, progress=progress)
+    return run(_futures.map(fn, *iterables, timeout=timeout, progress=progress))
 
 
 def map_as_completed(
@@ -505,7 +505,7 @@ def map_as_completed(
     progress: Progress = False,
 ) -> Iterator[Any]:
     """:meth:`Pool.map_as_completed` on the default pool."""
-    return Pool._default().map_as_completed(fn, *iterables, timeout=timeout, progress=progress)
+    return _iterate(_futures.map_as_completed(fn, *iterables, timeout=timeout, progress=progress))
 
 
 def map_reduce(
@@ -517,7 +517,7 @@ def map_reduce(
     progress: Progress = False,
 ) -> Any:
     """:meth:`Pool.map_reduce` on the default pool."""
-    return Pool._default().map_reduce(fn, reduction, *iterables, timeout=timeout, progress=progress)
+    return run(_futures.map_reduce(fn, reduction, *iterables, timeout=timeout, progress=progress))
 
 
 mapReduce = map_reduce  # SCOOP's name
@@ -532,7 +532,7 @@ def map_scan(
     progress: Progress = False,
 ) -> list[Any]:
     """:meth:`Pool.map_scan` on the default pool."""
-    return Pool._default().map_scan(fn, reduction, *iterables, timeout=timeout, progress=progress)
+    return run(_futures.map_scan(fn, reduction, *iterables, timeout=timeout, progress=progress))
 
 
 def submit(fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
