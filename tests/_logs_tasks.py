@@ -112,3 +112,31 @@ def record_attributes(tag: str) -> dict[str, object]:
         logger.removeHandler(handler)
     seen["pid"] = os.getpid()
     return seen
+
+
+def two_pieces_on_cue(tag: str, folder: str) -> int:
+    """Write ``half {tag}`` (no newline), create ``folder/started``, wait for ``folder/go``,
+    then end the line: what others write in between must not land inside it."""
+    sys.stdout.write(f"half {tag}")
+    started, go = os.path.join(folder, "started"), os.path.join(folder, "go")
+    with open(started, "w"):
+        pass
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.005)  # another process's cue: a file is the simplest one to wait on
+    sys.stdout.write(" joined\n")
+    return os.getpid()
+
+
+def unfinished_line(tag: str) -> int:
+    """Print ``unfinished {tag}`` without a newline and return."""
+    print(f"unfinished {tag}", end="")
+    time.sleep(0.001)  # not inline on the worker's loop (see log_plain)
+    return os.getpid()
+
+
+def line_of(tag: str) -> int:
+    """Print ``line {tag}`` (a whole line)."""
+    print(f"line {tag}")
+    time.sleep(0.001)
+    return os.getpid()

@@ -535,6 +535,55 @@ async def test_output_of_a_non_forwarding_client_is_not_lost(capfd: pytest.Captu
 
 
 @pytest.mark.timeout(LIMIT)
+async def test_a_half_line_on_the_worker_is_not_cut_into_by_forwarded_lines(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A task of a client that does not forward writes half a line; the worker keeps it until
+    the line ends, so the lines a forwarding client prints meanwhile (on the same terminal,
+    here the same captured fd) stay whole, and so does the worker's line."""
+    output = Output(capfd)
+    quiet_tag, loud_tag = new_tag("quiet"), new_tag("loud")
+    async with Pool(workers=1, slots=2) as quiet:  # two task threads of one process
+        assert quiet.address is not None
+        await workers_ready(quiet)
+        async with Pool(broker=quiet.address, secret=quiet.secret, forward_logs=True) as loud:
+            pending = asyncio.ensure_future(quiet.submit(T.two_pieces_on_cue, quiet_tag, str(tmp_path)))
+            try:
+                await eventually(lambda: (tmp_path / "started").exists(), "the task did not start")
+                await loud.submit(T.shout, loud_tag)  # on the other thread: the first is busy
+                await eventually(lambda: output.out_lines(f"out {loud_tag}") > 0, "no forwarded line")
+            finally:
+                (tmp_path / "go").touch()
+            await pending
+    output.read()
+    assert output.out_lines(f"out {loud_tag}") == 1, output.out
+    assert output.out_lines(f"half {loud_tag} joined") == 1, output.out
+    assert output.out_lines(f"half {quiet_tag} joined") == 1, output.out
+
+
+@pytest.mark.timeout(LIMIT)
+async def test_the_unfinished_last_line_of_a_task_goes_to_its_own_client(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A task that ends without a newline: its text reaches its client when it ends, and is
+    not put in front of the next task's first line (another client's, on the same thread)."""
+    output = Output(capfd)
+    a_tag, b_tag = new_tag("a"), new_tag("b")
+    async with Pool(workers=1, forward_logs=True) as a:
+        assert a.address is not None
+        async with Pool(broker=a.address, secret=a.secret, forward_logs=True) as b:
+            await a.submit(T.unfinished_line, a_tag)
+            await eventually(lambda: f"unfinished {a_tag}" in output.read().out, "the text did not arrive")
+            await b.submit(T.line_of, b_tag)
+            await eventually(lambda: f"line {b_tag}\n" in output.read().out, "the line did not arrive")
+    output.read()
+    # Both clients write to this process's stdout, so a's text and b's line are adjacent
+    # there; what matters is that a's came when its task ended, from its own client, once.
+    assert output.out.count(f"unfinished {a_tag}") == 1, output.out
+    assert output.out.count(f"line {b_tag}\n") == 1, output.out
+
+
+@pytest.mark.timeout(LIMIT)
 async def test_output_of_tiny_inline_tasks_reaches_only_their_client(
     capfd: pytest.CaptureFixture[str],
 ) -> None:

@@ -74,7 +74,8 @@ class _Handler(logging.Handler):
 
 
 class _Stream:
-    """A stand-in for sys.stdout/stderr: whole lines go to the forwarder, per thread."""
+    """A stand-in for sys.stdout/stderr: whole lines, per thread, go to the forwarder (or
+    stay here for a task whose client does not ask); ``flush()`` sends a partial one."""
 
     def __init__(self, forwarder: LogForwarder, kind: int, original: TextIO) -> None:
         self._forwarder = forwarder
@@ -86,9 +87,6 @@ class _Stream:
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        key = self._forwarder.key()
-        if not self._forwarder.wants(key, None):
-            return self._original.write(text)  # a task of a client that does not ask
         ident = threading.get_ident()
         with self._lock:
             buffered = self._partial.pop(ident, "") + text
@@ -102,16 +100,33 @@ class _Stream:
             if rest:
                 self._partial[ident] = rest
         if lines:
-            self._forwarder.push(key, self._kind, lines)
+            self._emit(lines)
         return len(text)
 
     def flush(self) -> None:
-        with self._lock:
-            rest = self._partial.pop(threading.get_ident(), "")
-        if rest:
-            self._forwarder.push(self._forwarder.key(), self._kind, rest)
+        self.end_line()
+        self._original.flush()
+
+    def end_line(self) -> None:
+        """Send the calling thread's unfinished line, if any, as it is."""
+        if self._partial:
+            with self._lock:
+                rest = self._partial.pop(threading.get_ident(), "")
+            if rest:
+                self._emit(rest)
+
+    def _emit(self, text: str) -> None:
+        """Whole lines (or what a flush asked for) to the client, or here when it does not ask.
+
+        Kept whole here too: the worker's stdout is unbuffered and shared
+        (a terminal, the parent's file), where a half line would be cut
+        into by what the clients and the other workers write.
+        """
+        key = self._forwarder.key()
+        if self._forwarder.wants(key, None):
+            self._forwarder.push(key, self._kind, text)
         else:
-            self._original.flush()
+            self._original.write(text)
 
     def drain(self) -> None:
         with self._lock:
@@ -193,6 +208,14 @@ class LogForwarder:
     def _flush(self) -> None:
         self._scheduled = False
         self.flush()
+
+    def end_task(self) -> None:
+        """The calling thread's task ends: its unfinished lines go where its output goes
+        (not onto the next task's first line, maybe another client's)."""
+        streams = self._streams
+        if streams is not None:
+            streams[0].end_line()
+            streams[1].end_line()
 
     def start(self, level: int) -> None:
         """Forward records at ``level`` and up, and every print; again to change the level."""

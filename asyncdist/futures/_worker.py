@@ -457,6 +457,7 @@ class Worker:
         out: list[_Result] = []
         tls = self._task_thread  # this thread's: the running task's key, time lent while waiting
         cancelled = self._cancelled
+        logs = self._logs
         for key, attempt, fid, fn, args, kwargs in batch:
             if key in cancelled:
                 continue
@@ -468,6 +469,8 @@ class Worker:
             except Exception as exc:
                 value, status = exc, STATUS_ERROR
             finally:
+                if logs is not None:
+                    logs.end_task()
                 tls.key = None
             elapsed = time.perf_counter() - start
             if waited := tls.waited:
