@@ -212,8 +212,12 @@ def _workers(status: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
     return sorted((w for w in workers if isinstance(w, Mapping)), key=lambda w: _int(w.get("wid")))
 
 
+_JOB_STATES = ("running", "done", "failed", "killed")
+
+
 def _jobs(mr: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """``mr.status``'s jobs as a list: ``{id, name, phases: [{name, done, total}], done}``."""
+    """``mr.status``'s jobs as a list: ``{id, name, phases: [{name, done, total}], done, state,
+    error}`` (``state`` one of running, done, failed, killed; ``error`` a string or None)."""
     jobs = mr.get("jobs") if mr is not None else None
     if not isinstance(jobs, Mapping):
         return []
@@ -224,10 +228,23 @@ def _jobs(mr: Mapping[str, Any] | None) -> list[dict[str, Any]]:
         phases = [
             {"name": str(key), "done": _int(value[0]), "total": _int(value[1])}
             for key, value in info.items()
-            if key != "name" and isinstance(value, list | tuple) and len(value) == 2
+            if key not in ("name", "state", "error") and isinstance(value, list | tuple) and len(value) == 2
         ]
-        done = bool(phases) and all(_int(p["done"]) >= _int(p["total"]) for p in phases)
-        out.append({"id": str(job_id), "name": str(info.get("name", "")), "phases": phases, "done": done})
+        state = info.get("state")
+        if state not in _JOB_STATES:  # a master that does not say: judge by the phases
+            finished = bool(phases) and all(_int(p["done"]) >= _int(p["total"]) for p in phases)
+            state = "done" if finished else "running"
+        error = info.get("error") if state == "failed" else None
+        out.append(
+            {
+                "id": str(job_id),
+                "name": str(info.get("name", "")),
+                "phases": phases,
+                "done": state == "done",
+                "state": state,
+                "error": str(error)[:500] if error is not None else None,
+            }
+        )
     return out
 
 
@@ -668,10 +685,19 @@ def format_status(
                 phases = {p["name"]: f"{p['done']}/{p['total']}" for p in job["phases"]}
                 rows.append(
                     [job["id"], job["name"], *(phases.get(n, "-") for n in names),
-                     "done" if job["done"] else "running"]
+                     _job_state(job)]
                 )  # fmt: skip
             lines += _table(rows, right=set(range(2, 2 + len(names))))
     return "\n".join(lines)
+
+
+def _job_state(job: Mapping[str, Any]) -> str:
+    """A job's state for the table: ``failed (ValueError: ...)`` names the error, on one line."""
+    error = job["error"]
+    if not error:
+        return str(job["state"])
+    first = " ".join(str(error).split())
+    return f"{job['state']} ({first[:77] + '...' if len(first) > 80 else first})"
 
 
 def _table(rows: list[list[str]], right: set[int]) -> list[str]:
@@ -760,6 +786,8 @@ td.none { color:var(--muted); text-align:center; padding:18px; }
 .badge { font-size:12px; font-weight:600; padding:2px 8px; border-radius:999px; background:#dbeafe;
   color:#1d4ed8; }
 .badge.done { background:#d1fae5; color:#047857; }
+.badge.failed { background:#fee2e2; color:#b91c1c; }
+.badge.killed { background:#eef1f6; color:#4b5563; }
 footer { color:var(--muted); font-size:12px; padding:10px 28px 22px; max-width:1500px; margin:0 auto; }
 """
 
@@ -985,8 +1013,9 @@ _SCRIPT = r"""
         tr.appendChild(td);
       }
       const st = el("td");
-      const badge = { class: "badge" + (j.done ? " done" : ""), "data-field": "state" };
-      st.appendChild(el("span", badge, j.done ? "done" : "running"));
+      const badge = { class: "badge " + j.state, "data-field": "state" };
+      if (j.error) badge.title = j.error;
+      st.appendChild(el("span", badge, j.state));
       tr.appendChild(st);
       rows.appendChild(tr);
     }

@@ -29,7 +29,7 @@ import pytest
 from _util import SCALE, eventually, free_port, stop
 
 import asyncdist
-from asyncdist.dashboard import Dashboard
+from asyncdist.dashboard import Dashboard, format_status
 from asyncdist.errors import ConfigurationError
 from asyncdist.futures import serve_broker
 from asyncdist.mapreduce import Job, shutdown_local_cluster
@@ -616,6 +616,8 @@ async def test_mapreduce_jobs_are_shown(tmp_path: Path) -> None:
                             {"name": "reduce", "done": 0, "total": 1},
                         ],
                         "done": False,
+                        "state": "running",
+                        "error": None,
                     }
                 ]
                 page = await render(dash.url, tmp_path)
@@ -646,6 +648,50 @@ async def test_mapreduce_jobs_are_shown(tmp_path: Path) -> None:
             broker.close()
     finally:
         release.write_text("go")
+        await shutdown_local_cluster()
+
+
+def failing_map(record: str, params: Any) -> Iterator[tuple[str, int]]:
+    raise ValueError(f"cannot map <{record}> & more")
+    yield record, 1  # a generator, like every map function
+
+
+async def test_a_failed_mapreduce_job_is_shown_failed_with_its_error(tmp_path: Path) -> None:
+    try:
+        cluster = await local_cluster(slaves=1)
+        master = cluster.master
+        assert master is not None
+        host, port = master.address
+        broker, server = await serve_broker("127.0.0.1", 0, secret=cluster.secret)
+        try:
+            job = await Job(name="dash-bad").run(input=[["x"]], map=failing_map, max_attempts=1)
+            with pytest.raises(ValueError):
+                await job.wait(timeout=30 * SCALE)
+            async with Dashboard(
+                f"127.0.0.1:{server.port}",
+                secret=cluster.secret,
+                master=f"{host}:{port}",
+                port=0,
+                interval=INTERVAL,
+            ) as dash:
+                await eventually(lambda: dash.snapshot()["mapreduce"]["jobs"], "no job shown")
+                [shown] = dash.snapshot()["mapreduce"]["jobs"]
+                assert (shown["id"], shown["state"], shown["done"]) == (job.id, "failed", False)
+                assert shown["error"] == "ValueError: cannot map <x> & more"
+                page = await render(dash.url, tmp_path)
+                badge = page.one("tr", data_job=job.id).one(data_field="state")
+                assert badge.text == "failed"
+                assert badge.attrs["title"] == "ValueError: cannot map <x> & more"
+                assert "failed" in badge.attrs["class"].split()
+                # The table of `asyncdist status` says the same.
+                text = format_status(dash.snapshot()["status"], master.status())
+                row = next(line for line in text.splitlines() if line.startswith(str(job.id)))
+                assert row.endswith("failed (ValueError: cannot map <x> & more)"), row
+            await job.purge()
+        finally:
+            await server.aclose()
+            broker.close()
+    finally:
         await shutdown_local_cluster()
 
 

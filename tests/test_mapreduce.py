@@ -347,6 +347,24 @@ async def test_a_master_and_a_job_need_a_secret() -> None:
         await Job("nosecret", master="127.0.0.1:1").run(input="raw://a", map=wc_map)
 
 
+async def test_mr_status_says_running_then_killed_when_the_master_closes() -> None:
+    master = await Master.start("127.0.0.1", 0, secret="mr-status-test-secret-0123456789")
+    host, port = master.address
+    job = Job("waiting", master=f"{host}:{port}", secret="mr-status-test-secret-0123456789")
+    try:
+        await job.run(input=["raw://a", "raw://b"], map=wc_map, reduce=wc_reduce)
+        assert job.id is not None
+        # No slave: the job waits with nothing done.
+        kept = master.status()["jobs"][job.id]
+        assert kept == {"name": "waiting", "state": "running", "map": [0, 2], "reduce": [0, 1]}
+        await master.aclose()
+        assert master.status()["jobs"][job.id]["state"] == "killed"
+        assert "error" not in master.status()["jobs"][job.id]
+    finally:
+        await master.aclose()
+        await job.close()
+
+
 # -- the Job API on the embedded cluster ------------------------------------------------------------
 
 
@@ -565,7 +583,8 @@ async def test_purge_removes_the_jobs_files_from_every_slave() -> None:
         assert dict(pairs) == {f"w{i}": 4 for i in range(100)}
         assert job.id is not None
         assert job_dirs(job.id), "the job kept no files on the slaves"
-        assert job.id in cluster().master.status()["jobs"]
+        assert cluster().master.status()["jobs"][job.id]["state"] == "done"
+        assert "error" not in cluster().master.status()["jobs"][job.id]
         await job.purge()
         assert job_dirs(job.id) == []
         assert job.id not in cluster().master.status()["jobs"]
@@ -685,6 +704,12 @@ async def test_a_raising_map_fails_the_job_with_its_type_and_traceback_after_max
         tb = getattr(info.value, "remote_traceback", "")
         assert "failing_map" in tb, tb
         assert len(markers(tmp_path, "attempt")) == (attempts or 4)
+        # mr.status keeps the failed job, until purged, as failed with its error.
+        kept = cluster().master.status()["jobs"][job.id]
+        assert kept["state"] == "failed"
+        assert kept["error"].startswith("ValueError: ")
+        assert "cannot map 'some line'" in kept["error"]
+        assert kept["map"] == [0, 1]
         await job.purge()
         assert job.id is not None
         assert not job_dirs(job.id)
@@ -704,6 +729,9 @@ async def test_a_raising_reduce_fails_the_job_with_its_type_and_traceback(tmp_pa
             await finish(job.wait(), 10, "the failing job")
         assert "failing_reduce" in getattr(info.value, "remote_traceback", "")
         assert len(markers(tmp_path, "reduce")) == 3
+        kept = cluster().master.status()["jobs"][job.id]
+        assert (kept["state"], kept["map"], kept["reduce"]) == ("failed", [1, 1], [0, 1])
+        assert kept["error"].startswith("ZeroDivisionError")
         await job.purge()
         await job.close()
 

@@ -232,9 +232,13 @@ def test_format_status_table() -> None:
         "slaves": [{"id": "s1", "address": ["127.0.0.1", 1], "workers": 2, "running": 1}],
         "jobs": {
             "wc@1": {"name": "wordcount", "map": [3, 10], "reduce": [0, 4]},
-            "sort@2": {"name": "sort", "map": [5, 5], "reduce": [2, 2]},
+            "sort@2": {"name": "sort", "state": "done", "map": [5, 5], "reduce": [2, 2]},
+            "bad@3": {"name": "bad", "state": "failed", "error": "ValueError: no\n  good", "map": [1, 4],
+                      "reduce": [0, 2]},
+            "k@4": {"name": "stopped", "state": "killed", "map": [0, 1], "reduce": [0, 1]},
+            "x@5": {"name": "odd", "state": "exploded", "error": "ignored", "map": [1, 1], "reduce": [1, 1]},
         },
-    }
+    }  # fmt: skip
     text = format_status(status, mr, broker="h:5555", tasks_per_s=12.5)
     lines = text.splitlines()
     assert lines[0] == "broker      h:5555   up 1 h 02 min"
@@ -250,11 +254,14 @@ def test_format_status_table() -> None:
     assert table[1].split() == ["1", "node-a:12", "node-a", "12", "2", "2", "100%", "239"]  # sorted by wid
     assert table[2].split() == ["3", "node-b:77", "node-b", "77", "4", "4", "100%", "1000"]
     assert len({len(line) for line in table[:3]}) == 1  # aligned columns
-    assert "MapReduce   1 slave   2 job(s)" in lines
-    jobs = lines[lines.index("MapReduce   1 slave   2 job(s)") + 1 :]
+    assert "MapReduce   1 slave   5 job(s)" in lines
+    jobs = lines[lines.index("MapReduce   1 slave   5 job(s)") + 1 :]
     assert jobs[0].split() == ["JOB", "NAME", "MAP", "REDUCE", "STATE"]
-    assert jobs[1].split() == ["wc@1", "wordcount", "3/10", "0/4", "running"]
+    assert jobs[1].split() == ["wc@1", "wordcount", "3/10", "0/4", "running"]  # a master that does not say
     assert jobs[2].split() == ["sort@2", "sort", "5/5", "2/2", "done"]
+    assert jobs[3].split() == ["bad@3", "bad", "1/4", "0/2", "failed", "(ValueError:", "no", "good)"]
+    assert jobs[4].split() == ["k@4", "stopped", "0/1", "0/1", "killed"]
+    assert jobs[5].split() == ["x@5", "odd", "1/1", "1/1", "done"]  # an unknown state: by the phases
 
     empty = format_status({"stats": {}, "queued": 0, "running": 0, "clients": 0, "workers": [], "uptime": 5})
     assert empty.splitlines()[0] == "broker      (in process)   up 5 s"

@@ -35,6 +35,7 @@ __all__ = ["Master"]
 log = get_logger("asyncdist.mapreduce")
 
 MAX_ATTEMPTS = 4
+_MAX_ERROR = 500  # characters of a failed job's error in mr.status
 
 
 @dataclasses.dataclass(eq=False)
@@ -73,6 +74,7 @@ class _Job:
         self.changed = asyncio.Event()
         self.outcome: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self.outcome.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.killed = False
         self.runner = asyncio.ensure_future(self._run())
 
     # -- progress -------------------------------------------------------------------------
@@ -81,6 +83,18 @@ class _Job:
         maps = sum(t.done for t in self.maps)
         reduces = sum(t.done for t in self.reduces)
         return {"map": [maps, len(self.maps)], "reduce": [reduces, len(self.reduces)]}
+
+    def state(self) -> dict[str, str]:
+        """``{"state": "running" | "done" | "failed" | "killed"}``, with ``"error"`` when failed."""
+        outcome = self.outcome
+        if not outcome.done():
+            return {"state": "running"}
+        exc = None if outcome.cancelled() else outcome.exception()
+        if exc is None:
+            return {"state": "done"}
+        if self.killed:
+            return {"state": "killed"}
+        return {"state": "failed", "error": f"{type(exc).__name__}: {exc}"[:_MAX_ERROR]}
 
     # -- scheduling -----------------------------------------------------------------------
 
@@ -105,6 +119,7 @@ class _Job:
                 for running in task.running:
                     running.cancel()
             if not self.outcome.done():
+                self.killed = True
                 self.outcome.set_exception(AsyncDistError(f"job {self.name} ({self.id}) was killed"))
             raise
         except BaseException as exc:
@@ -335,12 +350,14 @@ class Master:
                 await slave.conn.call("mr.purge", job_id)
 
     def status(self) -> dict[str, Any]:
+        """``mr.status``: the slaves, and each job kept (until purged) with its ``name``, its
+        ``state`` (``error`` too when failed) and ``[done, total]`` per phase (``map``, ``reduce``)."""
         return {
             "slaves": [
                 {"id": s.id, "address": list(s.address), "workers": s.workers, "running": s.running}
                 for s in self.slaves.values()
             ],
-            "jobs": {jid: {"name": j.name, **j.progress()} for jid, j in self.jobs.items()},
+            "jobs": {jid: {"name": j.name, **j.state(), **j.progress()} for jid, j in self.jobs.items()},
         }
 
     async def aclose(self) -> None:
