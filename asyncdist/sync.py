@@ -15,6 +15,7 @@
     job = sync.Job().run(input=[...], map=fmap, reduce=freduce)
     for k, v in sync.result_iterator(job.wait(show=True)): ...
     sync.Parallel(counter(A.writer(), limit=5), printer(A.reader()))   # plain-function processes
+    guard, msg = sync.AltSelect(sync.InputGuard(cin), sync.TimeoutGuard(seconds=1))  # blocks too
 
 Contract:
 
@@ -75,18 +76,27 @@ __all__ = [
     "ALL_COMPLETED",
     "FIRST_COMPLETED",
     "FIRST_EXCEPTION",
+    "AltSelect",
     "Channel",
+    "ChannelPoisoned",
+    "ChannelRetired",
     "ClassicConnection",
     "Daemon",
+    "FairSelect",
     "Future",
+    "InputGuard",
     "Job",
+    "OutputGuard",
     "Parallel",
     "Pool",
+    "PriSelect",
     "Proxy",
     "RPCConnection",
     "RemoteRef",
     "Sequence",
+    "SkipGuard",
     "Spawn",
+    "TimeoutGuard",
     "as_completed",
     "behavior",
     "call",
@@ -121,6 +131,16 @@ FIRST_EXCEPTION = concurrent.futures.FIRST_EXCEPTION
 process = _csp.process
 poison = _csp.poison
 retire = _csp.retire
+# Alternation: a plain process (or any thread) calls these and blocks, as with cin() and cout(x).
+AltSelect = _csp.AltSelect
+PriSelect = _csp.PriSelect
+FairSelect = _csp.FairSelect
+InputGuard = _csp.InputGuard
+OutputGuard = _csp.OutputGuard
+SkipGuard = _csp.SkipGuard
+TimeoutGuard = _csp.TimeoutGuard
+ChannelPoisoned = _csp.ChannelPoisoned
+ChannelRetired = _csp.ChannelRetired
 
 
 # -- the loop thread ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import weakref
 from typing import Any
 
 from . import _trace
-from ._channel import ChannelEnd, ReaderEnd, WriterEnd
+from ._channel import ChannelEnd, ReaderEnd, WriterEnd, now_or_awaitable
 from ._home import Choice, Home, Offer, Packed, watch
 from ._net import RemoteLink
 
@@ -316,27 +316,38 @@ class _NoHome(Home):
 _NO_HOME: Home = _NoHome.__new__(_NoHome)
 
 
-async def PriSelect(*guards: Guard) -> tuple[Guard, Any]:
+def PriSelect(*guards: Guard) -> Any:
     """Commit one guard, preferring the first ready one in argument order; return ``(guard, msg)``.
 
     ``msg`` is the value read (InputGuard) or None. A SkipGuard is taken when
     no other guard is ready at once; a TimeoutGuard when nothing became
     ready in time. Raises ChannelPoisoned / ChannelRetired if a guard's
     channel is poisoned or retired.
+
+    ``await csp.PriSelect(...)`` in a coroutine; a plain process (in a thread)
+    calls ``csp.PriSelect(...)`` and blocks. The same holds for
+    :func:`AltSelect` and :func:`FairSelect`.
     """
-    return await _select(guards, list(range(len(guards))))
+    return now_or_awaitable(_select(guards, list(range(len(guards)))), _loops(guards), "PriSelect")
 
 
-async def AltSelect(*guards: Guard) -> tuple[Guard, Any]:
+def AltSelect(*guards: Guard) -> Any:
     """Commit one guard, choosing at random among those ready at once; return ``(guard, msg)``."""
     order = list(range(len(guards)))
     random.shuffle(order)
-    return await _select(guards, order)
+    return now_or_awaitable(_select(guards, order), _loops(guards), "AltSelect")
 
 
-async def FairSelect(*guards: Guard) -> tuple[Guard, Any]:
+def FairSelect(*guards: Guard) -> Any:
     """Commit one guard, preferring the channel chosen least often so far; return ``(guard, msg)``."""
+    return now_or_awaitable(_fair(guards), _loops(guards), "FairSelect")
 
+
+def _loops(guards: tuple[Guard, ...]) -> set[asyncio.AbstractEventLoop]:
+    return {g.end._loop for g in guards if isinstance(g, Guard) and g.end is not None}
+
+
+async def _fair(guards: tuple[Guard, ...]) -> tuple[Guard, Any]:
     def used(i: int) -> int:
         key = _fair_key(guards[i])
         if key is None:

@@ -64,6 +64,33 @@ def _run_here(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -
         scope.current = None
 
 
+def now_or_awaitable(coro: Coroutine[Any, Any, Any], loops: set[asyncio.AbstractEventLoop], what: str) -> Any:
+    """On the channels' loop: ``coro``, to await. In any other thread (a plain process, a
+    script, a notebook whose own loop runs there): its result, blocking, as ``cin()`` does.
+
+    ``loops`` are the loops of the channels ``coro`` works on; from another
+    thread it runs on theirs (they must be one) and a cancelled process stops
+    it. With none (an alternation of only timeout and skip guards) it is
+    awaited where a loop runs, else run on a loop of its own in this thread.
+    """
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is not None and (not loops or running in loops):
+        return coro
+    if len(loops) > 1:
+        coro.close()
+        raise ValueError(f"{what} outside their event loop: give ends of channels of one event loop")
+    if loops:
+        return _run_here(loops.pop(), coro)
+    scope: ThreadScope | None = getattr(thread_scope, "scope", None)
+    if scope is not None and scope.cancelled:
+        coro.close()
+        raise concurrent.futures.CancelledError("the process was cancelled")
+    return asyncio.run(coro)
+
+
 class ChannelEnd:
     """A reader or writer end of a channel: what processes are given.
 

@@ -17,12 +17,12 @@ import contextvars
 import functools
 import inspect
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec
 
 from ..errors import ChannelPoisoned, ChannelRetired
 from . import _trace
-from ._channel import Channel, ChannelEnd, ThreadScope, _run_here, thread_scope
+from ._channel import Channel, ChannelEnd, ThreadScope, now_or_awaitable, thread_scope
 
 __all__ = ["Parallel", "Process", "Sequence", "Spawn", "multiprocess", "poison", "process", "retire"]
 
@@ -50,17 +50,8 @@ async def _retire(ends: tuple[ChannelEnd, ...]) -> None:
         await end.retire()
 
 
-def _now_or_awaitable(coro: Coroutine[Any, Any, None], ends: tuple[Any, ...]) -> Any:
-    # In a coroutine: return the awaitable. In a plain process's thread: do it now, blocking.
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        loops = {e._loop if isinstance(e, ChannelEnd) else e._home.loop for e in ends}
-        if len(loops) != 1:
-            coro.close()
-            raise ValueError("poison/retire from a thread: give ends of channels of one event loop") from None
-        return _run_here(loops.pop(), coro)
-    return coro
+def _loops(ends: tuple[Any, ...]) -> set[asyncio.AbstractEventLoop]:
+    return {e._loop if isinstance(e, ChannelEnd) else e._home.loop for e in ends}
 
 
 def poison(*ends: ChannelEnd | Channel) -> Any:
@@ -68,7 +59,7 @@ def poison(*ends: ChannelEnd | Channel) -> Any:
 
     ``await csp.poison(end)`` in a coroutine; a plain process (in a thread) calls ``csp.poison(end)``.
     """
-    return _now_or_awaitable(_poison(ends), ends)
+    return now_or_awaitable(_poison(ends), _loops(ends), "poison")
 
 
 def retire(*ends: ChannelEnd) -> Any:
@@ -76,7 +67,7 @@ def retire(*ends: ChannelEnd) -> Any:
 
     ``await csp.retire(end)`` in a coroutine; a plain process calls ``csp.retire(end)``.
     """
-    return _now_or_awaitable(_retire(ends), ends)
+    return now_or_awaitable(_retire(ends), _loops(ends), "retire")
 
 
 class Process:
