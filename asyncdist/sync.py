@@ -41,7 +41,7 @@ Contract:
 
 The classic libraries' own spellings are aliases here, so their blocking
 examples run with only their imports changed: ``mapReduce`` (SCOOP),
-``locateNS`` and ``Daemon.requestLoop`` (Pyro4), ``PYRONAME:`` and
+``locateNS``, ``Daemon.requestLoop`` and ``Daemon.serveSimple`` (Pyro4), ``PYRONAME:`` and
 ``PYRO:`` URIs, and ``conn.modules.sys.stdout = sys.stdout`` on a classic
 connection (RPyC), which sends the server's output for this connection here.
 """
@@ -54,7 +54,7 @@ import concurrent.futures
 import contextlib
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from . import csp as _csp
@@ -117,6 +117,7 @@ __all__ = [
     "retire",
     "rpc_connect",
     "run",
+    "serve",
     "shutdown",
     "submit",
     "wait",
@@ -762,6 +763,22 @@ class Daemon:
 
     close = shutdown
 
+    @staticmethod
+    def serve_simple(
+        objects: Mapping[Any, str | None],
+        host: str | None = None,
+        port: int = 0,
+        daemon: Daemon | None = None,
+        ns: bool = True,
+        verbose: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Pyro4's ``Daemon.serveSimple``: :func:`serve` with Pyro's argument names (``ns`` for
+        ``use_ns``); blocks until the daemon shuts down or Ctrl-C."""
+        serve(objects, host or "127.0.0.1", port, daemon=daemon, use_ns=ns, verbose=verbose, **kwargs)
+
+    serveSimple = serve_simple  # Pyro's name
+
     def __enter__(self) -> Daemon:
         return self
 
@@ -770,6 +787,25 @@ class Daemon:
 
     def __repr__(self) -> str:
         return f"<sync {self._daemon!r}>"
+
+
+def serve(
+    objects: Mapping[Any, str | None],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    daemon: Daemon | None = None,
+    **kwargs: Any,
+) -> None:
+    """Serve ``{object_or_class: name}`` until the daemon shuts down (:meth:`Daemon.shutdown`
+    from another thread, or a remote method), Ctrl-C or :func:`shutdown`; then the names are
+    removed from the name server and the daemon closes. The blocking
+    :func:`asyncdist.objects.serve` (same options: ``use_ns``, ``ns_host``, ``ns_port``,
+    ``secret``, ``ssl``, ``verbose``, ``ready``); ``daemon`` is a :class:`Daemon` of this module.
+    """
+    if daemon is not None:
+        kwargs["daemon"] = daemon._daemon
+    run(_objects.serve(objects, host, port, **kwargs))
 
 
 def locate_ns(

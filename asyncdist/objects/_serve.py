@@ -28,19 +28,28 @@ async def serve(
     ssl: SSLContext | None = None,
     verbose: bool = True,
     ready: Callable[[Daemon, dict[str, str]], None] | None = None,
+    daemon: Daemon | None = None,
     **daemon_options: Any,
 ) -> None:
     """Serve ``{object_or_class: name}`` until cancelled (Pyro's ``serve``).
 
-    Starts a :class:`Daemon` on ``host``:``port``, registers each object or
-    class, and, with ``use_ns``, registers each name (``None``: no name) in
-    the name server at ``ns_host``/``ns_port``, which must be running. With
-    ``verbose`` it prints each URI; ``ready(daemon, {name_or_uri: uri})`` is
-    called once everything is registered. When the task is cancelled (or
+    Starts a :class:`Daemon` on ``host``:``port`` (or uses ``daemon``, started
+    or not, whose own address and options then apply), registers each object
+    or class, and, with ``use_ns``, registers each name (``None``: no name)
+    in the name server at ``ns_host``/``ns_port``, which must be running.
+    With ``verbose`` it prints each URI; ``ready(daemon, {name_or_uri: uri})``
+    is called once everything is registered. When the task is cancelled (or
     the daemon closed), the names it registered are removed from the name
     server, best effort, and the daemon closes.
     """
-    async with Daemon(host, port, secret, ssl, **daemon_options) as daemon:
+    if daemon is None:
+        daemon = Daemon(host, port, secret, ssl, **daemon_options)
+    elif daemon_options:
+        raise TypeError(f"options for a new daemon, with a daemon given: {sorted(daemon_options)}")
+    async with contextlib.AsyncExitStack() as stack:
+        if daemon._server is None:  # not started yet
+            await daemon.start()
+        stack.push_async_callback(daemon.aclose)
         uris: dict[str, str] = {}
         for obj, name in objects.items():
             uri = daemon.register(obj)

@@ -1,0 +1,202 @@
+"""Pyro's one-call servers through the blocking facade: ``sync.serve`` and
+``sync.Daemon.serveSimple`` (Pyro4's ``Pyro4.Daemon.serveSimple({Cls: "name"}, ns=...)``),
+and ``asyncdist.objects.serve(daemon=...)`` under them.
+
+Each server runs in a thread of the test (it blocks, as in a Pyro script);
+the test calls it through blocking proxies, then shuts it down and checks
+that the call returned, the names left the name server and the daemon closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from _util import SCALE
+
+from asyncdist import objects, sync
+from asyncdist.errors import CommunicationError, NamingError
+from asyncdist.naming import NameServerDaemon
+
+BOUND = 30 * SCALE
+
+pytestmark = pytest.mark.timeout(int(90 * SCALE))
+
+
+@sync.expose
+class Greeter:
+    def __init__(self) -> None:
+        self.greeted: list[str] = []
+
+    def greet(self, name: str) -> str:
+        self.greeted.append(name)
+        return f"Hello, {name}."
+
+
+@sync.expose
+class Counter:
+    count = 0
+
+    def bump(self) -> int:
+        Counter.count += 1
+        return Counter.count
+
+
+@pytest.fixture(autouse=True)
+def _stop_the_sync_loop(leak_check: None) -> Iterator[None]:
+    yield
+    sync.shutdown()
+
+
+@pytest.fixture
+def name_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[NameServerDaemon]:
+    """A name server on the sync loop, on a free port (ASYNCDIST_NS_PORT, as locate_ns reads it)."""
+    nsd = NameServerDaemon(port=0)
+    sync.run(nsd.start())
+    monkeypatch.setenv("ASYNCDIST_NS_PORT", str(nsd.port))
+    try:
+        yield nsd
+    finally:
+        sync.run(nsd.aclose())
+
+
+class Running:
+    """A blocking server call running in a thread; ``ready`` is set with its daemon and URIs."""
+
+    def __init__(self, target: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        self.ready = threading.Event()
+        self.daemon: objects.Daemon | None = None
+        self.uris: dict[str, str] = {}
+        self.error: BaseException | None = None
+
+        def on_ready(daemon: objects.Daemon, uris: dict[str, str]) -> None:
+            self.daemon, self.uris = daemon, uris
+            self.ready.set()
+
+        def main() -> None:
+            try:
+                target(*args, ready=on_ready, **kwargs)
+            except BaseException as e:  # reported by finish()
+                self.error = e
+                self.ready.set()
+
+        self.thread = threading.Thread(target=main, name="serving")
+        self.thread.start()
+        assert self.ready.wait(BOUND), "the server did not start"
+        assert self.error is None, self.error
+
+    def stop(self) -> None:
+        """Shut the daemon down from this thread; the serving call must return."""
+        if self.daemon is not None:
+            sync.call(self.daemon.close)
+        self.thread.join(BOUND)
+        assert not self.thread.is_alive(), "the serving call did not return after shutdown"
+        assert self.error is None, self.error
+
+
+def test_serve_simple_names_the_objects_and_removes_the_names_at_shutdown(
+    name_server: NameServerDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    greeter = Greeter()
+    server = Running(sync.Daemon.serveSimple, {greeter: "example.greeting", Counter: "example.counter"})
+    try:
+        # Pyro4's greeting client, unchanged apart from the import.
+        with sync.Proxy("PYRONAME:example.greeting") as maker:
+            assert maker.greet("Irmen") == "Hello, Irmen."
+        with sync.Proxy("PYRONAME:example.counter") as counter:
+            assert [counter.bump(), counter.bump()] == [1, 2]
+        assert greeter.greeted == ["Irmen"]
+        ns = sync.locate_ns()
+        assert ns.list(prefix="example.") == server.uris
+        ns._release()
+        printed = capsys.readouterr().out.splitlines()
+        for name, uri in server.uris.items():
+            assert re.fullmatch(r"adist:[0-9a-f]{32}@127\.0\.0\.1:\d+", uri)
+            assert f"{name}: {uri}" in printed
+    finally:
+        server.stop()
+    ns = sync.locate_ns()
+    assert ns.list(prefix="example.") == {}
+    ns._release()
+    with pytest.raises(CommunicationError), sync.Proxy(server.uris["example.greeting"]) as gone:
+        gone.greet("late")
+
+
+def test_serve_simple_without_the_name_server_and_in_a_given_daemon(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    daemon = sync.Daemon(port=0)
+    location = daemon.location
+    server = Running(
+        sync.Daemon.serveSimple, {Greeter: "not.registered"}, daemon=daemon, ns=False, verbose=False
+    )
+    try:
+        uri = server.uris["not.registered"]
+        assert uri.endswith("@" + location)  # served by the daemon given
+        assert server.daemon is daemon._daemon
+        with sync.Proxy(uri) as maker:
+            assert maker.greet("you") == "Hello, you."
+        assert capsys.readouterr().out == ""  # verbose=False
+    finally:
+        # Pyro's way to stop it: the daemon's shutdown, from another thread.
+        daemon.shutdown()
+        server.thread.join(BOUND)
+        assert not server.thread.is_alive()
+        assert server.error is None
+
+
+def test_sync_serve_objects_without_names(name_server: NameServerDaemon) -> None:
+    server = Running(sync.serve, {Greeter(): None}, use_ns=True, verbose=False)
+    try:
+        [(key, uri)] = server.uris.items()
+        assert key == uri  # no name: listed by its URI, nothing registered
+        ns = sync.locate_ns()
+        assert uri not in ns.list().values()
+        ns._release()
+        with sync.Proxy(uri) as maker:
+            assert maker.greet("x") == "Hello, x."
+    finally:
+        server.stop()
+
+
+def test_serve_needs_a_running_name_server_for_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASYNCDIST_NS_PORT", "1")  # nothing listens there
+    with pytest.raises((NamingError, CommunicationError)):
+        sync.serve({Greeter: "needs.ns"}, verbose=False)
+
+
+async def test_objects_serve_takes_a_daemon_started_or_not() -> None:
+    for started in (False, True):
+        daemon = objects.Daemon(port=0)
+        if started:
+            await daemon.start()
+        ready: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(
+            objects.serve(
+                {Greeter: None},
+                daemon=daemon,
+                use_ns=False,
+                verbose=False,
+                ready=lambda d, uris, fut=ready: fut.set_result(uris),
+            )
+        )
+        try:
+            [uri] = (await asyncio.wait_for(ready, BOUND)).values()
+            async with objects.Proxy(uri) as maker:
+                assert await maker.greet("async") == "Hello, async."
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        with pytest.raises(CommunicationError):
+            async with objects.Proxy(uri) as gone:
+                await gone.greet("closed")  # the daemon closed with the serve task
+
+
+async def test_objects_serve_refuses_daemon_options_with_a_daemon() -> None:
+    daemon = objects.Daemon(port=0)
+    with pytest.raises(TypeError, match="threads"):
+        await objects.serve({Greeter: None}, daemon=daemon, use_ns=False, threads=4)
