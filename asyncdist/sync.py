@@ -42,8 +42,11 @@ Contract:
 The classic libraries' own spellings are aliases here, so their blocking
 examples run with only their imports changed: ``mapReduce`` (SCOOP),
 ``locateNS``, ``Daemon.requestLoop`` and ``Daemon.serveSimple`` (Pyro4), ``PYRONAME:`` and
-``PYRO:`` URIs, and ``conn.modules.sys.stdout = sys.stdout`` on a classic
-connection (RPyC), which sends the server's output for this connection here.
+``PYRO:`` URIs, ``conn.modules.sys.stdout = sys.stdout`` on a classic
+connection (RPyC), which sends the server's output for this connection here;
+and their module paths: ``core.Proxy``, ``core.Daemon``, ``naming.locateNS``
+(``Pyro4.core``, ``Pyro4.naming``), ``classic.connect`` and ``connect``
+(``rpyc.classic.connect``, ``rpyc.connect``).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ import concurrent.futures
 import contextlib
 import os
 import threading
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -97,16 +101,22 @@ __all__ = [
     "SkipGuard",
     "Spawn",
     "TimeoutGuard",
+    "TraceInit",
+    "TraceQuit",
     "as_completed",
     "behavior",
     "call",
+    "classic",
     "classic_connect",
+    "connect",
+    "core",
     "expose",
     "kvgroup",
     "locateNS",
     "locate_ns",
     "map",
     "mapReduce",
+    "naming",
     "map_as_completed",
     "map_reduce",
     "map_scan",
@@ -142,6 +152,8 @@ SkipGuard = _csp.SkipGuard
 TimeoutGuard = _csp.TimeoutGuard
 ChannelPoisoned = _csp.ChannelPoisoned
 ChannelRetired = _csp.ChannelRetired
+TraceInit = _csp.TraceInit
+TraceQuit = _csp.TraceQuit
 
 
 # -- the loop thread ---------------------------------------------------------------------------
@@ -1069,3 +1081,32 @@ def Spawn(*processes: _csp.Process) -> Future[list[Any]]:
     """Start CSP processes without waiting; a Future of their results."""
     _check_caller(_loop_thread())
     return _spawn(_csp.Parallel(*processes))
+
+
+# -- the classic libraries' module paths ---------------------------------------------------------
+
+#: Pyro4's ``Pyro4.core``: ``Pyro4.core.Proxy``, ``Pyro4.core.Daemon`` (with
+#: ``from asyncdist import sync as Pyro4``, the seed's spellings run unchanged).
+core = types.SimpleNamespace(Proxy=Proxy, Daemon=Daemon, expose=expose, oneway=oneway, behavior=behavior)
+#: Pyro4's ``Pyro4.naming``: ``Pyro4.naming.locateNS``.
+naming = types.SimpleNamespace(locateNS=locateNS, locate_ns=locate_ns)
+
+
+def _redirected_stdio(conn: ClassicConnection) -> contextlib.AbstractContextManager[None]:
+    return conn.redirected_stdio()
+
+
+def _teleport_function(conn: ClassicConnection, func: Callable[..., Any]) -> RemoteRef:
+    return conn.teleport(func)
+
+
+#: RPyC's ``rpyc.classic``: ``connect`` (port 18812 by default), ``redirected_stdio(conn)``,
+#: ``teleport_function(conn, func)`` (with ``from asyncdist import sync as rpyc``).
+classic = types.SimpleNamespace(
+    connect=classic_connect,
+    redirected_stdio=_redirected_stdio,
+    teleport_function=_teleport_function,
+    DEFAULT_SERVER_PORT=_classic.DEFAULT_PORT,
+)
+#: RPyC's ``rpyc.connect(host, port)``: :func:`rpc_connect`.
+connect = rpc_connect

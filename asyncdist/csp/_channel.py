@@ -341,6 +341,8 @@ class Channel:
         for end in list(self._made):
             end.disconnect()
 
+    Disconnect = disconnect  # PyCSP's name
+
     def __repr__(self) -> str:
         extra = f", buffer={self.buffer}" if self.buffer else ""
         return f"{type(self).__name__}({self.name!r}{extra})"

@@ -1,8 +1,7 @@
 """The seed's Pyro4 chain object: each server forwards the message to the next one, by name.
 
 Only the import differs from the seed (``import Pyro4``), plus ``@Pyro4.expose``
-(Pyro4 4.46 and later require it too); ``Pyro4.core.Proxy`` is written
-``Pyro4.Proxy`` (Pyro4 has both spellings). ``process`` is a plain method: the
+(Pyro4 4.46 and later require it too). ``process`` is a plain method: the
 daemon runs it in a thread of its pool, where the blocking call to the next
 server is allowed.
 """
@@ -25,7 +24,7 @@ class Chain(object):
     def process(self, message):
         if self.next is None:
             # the proxy to the next server
-            self.next = Pyro4.Proxy("PYRONAME:example.chain." + self.nextName)
+            self.next = Pyro4.core.Proxy("PYRONAME:example.chain." + self.nextName)
         if self.name in message:
             # the chain is closed (the last call, from 3 back to 1)
             print("Back at %s; the chain is closed!" % self.name)

@@ -1,7 +1,6 @@
 """Server 3 of the seed's Pyro4 chain (1 -> 2 -> 3 -> 1), blocking as in Pyro4. Run after ``asyncdist ns``.
 
-Only the import differs from the seed (``import Pyro4``; ``Pyro4.core.Daemon`` and
-``Pyro4.naming.locateNS`` are written ``Pyro4.Daemon`` and ``Pyro4.locateNS``), with two
+Only the import differs from the seed (``import Pyro4``), with two
 outright bugs fixed: the seed registered "example.chainTopology.3" while the chain objects look
 up "example.chain.N", and it called ``daemon.requstLoop()``.
 """
@@ -20,10 +19,10 @@ next = "1"
 # the name this server registers (the seed: "example.chainTopology." + this)
 servername = "example.chain." + this
 
-daemon = Pyro4.Daemon()
+daemon = Pyro4.core.Daemon()
 obj = chainTopology.Chain(this, next)
 uri = daemon.register(obj)
-ns = Pyro4.locateNS()
+ns = Pyro4.naming.locateNS()
 ns.register(servername, uri)
 
 # serve (the seed: daemon.requstLoop())

@@ -1,7 +1,6 @@
 """The seed's Pyro4 shop client: Rashmi buys a book, Meeta deposits twice. Run after server.py.
 
-Only the import differs from the seed (``import Pyro4``; ``Pyro4.naming.locateNS`` and
-``Pyro4.core.Proxy`` are written ``Pyro4.locateNS`` and ``Pyro4.Proxy``).
+Only the import differs from the seed (``import Pyro4``).
 """
 
 # The seed's own style, kept: class Client(object), %-formatting, dict.keys() loops, an unused import.
@@ -45,10 +44,10 @@ class Client(object):
 
 
 if __name__ == "__main__":
-    ns = Pyro4.locateNS()
+    ns = Pyro4.naming.locateNS()
     uri = ns.lookup("example.shop.Shop")
     print(uri)
-    Shop = Pyro4.Proxy(uri)
+    Shop = Pyro4.core.Proxy(uri)
     # the customers Meeta and Rashmi
     meeta = Client("Meeta", 50)
     rashmi = Client("Rashmi", 100)

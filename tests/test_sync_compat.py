@@ -1,6 +1,9 @@
-"""Pyro's one-call servers through the blocking facade: ``sync.serve`` and
-``sync.Daemon.serveSimple`` (Pyro4's ``Pyro4.Daemon.serveSimple({Cls: "name"}, ns=...)``),
-and ``asyncdist.objects.serve(daemon=...)`` under them.
+"""The classic libraries' own spellings in the blocking facade, beyond the seed's examples.
+
+Pyro's one-call servers: ``sync.serve`` and ``sync.Daemon.serveSimple`` (Pyro4's
+``Pyro4.Daemon.serveSimple({Cls: "name"}, ns=...)``), and ``asyncdist.objects.serve(daemon=...)``
+under them; the module paths ``Pyro4.core``, ``Pyro4.naming``, ``rpyc.classic`` and
+``rpyc.connect``; PyCSP's ``TraceInit``/``TraceQuit`` and ``Channel.Disconnect``.
 
 Each server runs in a thread of the test (it blocks, as in a Pyro script);
 the test calls it through blocking proxies, then shuts it down and checks
@@ -10,15 +13,17 @@ that the call returned, the names left the name server and the daemon closed.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from _util import SCALE
 
-from asyncdist import objects, sync
+from asyncdist import objects, rpc, sync
 from asyncdist.errors import CommunicationError, NamingError
 from asyncdist.naming import NameServerDaemon
 
@@ -200,3 +205,100 @@ async def test_objects_serve_refuses_daemon_options_with_a_daemon() -> None:
     daemon = objects.Daemon(port=0)
     with pytest.raises(TypeError, match="threads"):
         await objects.serve({Greeter: None}, daemon=daemon, use_ns=False, threads=4)
+
+
+# -- module paths ----------------------------------------------------------------------------------
+
+
+def test_pyro4_and_rpyc_module_paths_name_the_same_things() -> None:
+    Pyro4 = sync
+    assert Pyro4.core.Proxy is sync.Proxy
+    assert Pyro4.core.Daemon is sync.Daemon
+    assert Pyro4.core.expose is sync.expose
+    assert Pyro4.naming.locateNS is sync.locateNS
+    rpyc = sync
+    assert rpyc.classic.connect is sync.classic_connect
+    assert rpyc.classic.DEFAULT_SERVER_PORT == 18812
+    assert rpyc.connect is sync.rpc_connect
+    for name in ("core", "naming", "classic", "connect", "TraceInit", "TraceQuit", "serve"):
+        assert name in sync.__all__
+
+
+def test_pyro4_core_and_naming_serve_and_find_an_object(name_server: NameServerDaemon) -> None:
+    """The seed's chain/shop spellings, end to end in one process."""
+    Pyro4 = sync
+    ns = Pyro4.naming.locateNS()
+    daemon = Pyro4.core.Daemon()
+    uri = daemon.register(Greeter())
+    ns.register("example.core.greeter", uri)
+    thread = threading.Thread(target=daemon.requestLoop)
+    thread.start()
+    try:
+        with Pyro4.core.Proxy("PYRONAME:example.core.greeter") as greeter:
+            assert greeter.greet("core") == "Hello, core."
+    finally:
+        ns._release()
+        daemon.shutdown()
+        thread.join(BOUND)
+    assert not thread.is_alive()
+
+
+async def _serve_classic() -> Any:
+    return await rpc.classic.serve(allow_classic=True, port=0)
+
+
+def test_rpyc_classic_namespace(capfd: pytest.CaptureFixture[str]) -> None:
+    rpyc = sync
+    server = sync.run(_serve_classic())
+    try:
+        conn = rpyc.classic.connect("127.0.0.1", server.port)
+        try:
+            cube = rpyc.classic.teleport_function(conn, lambda v: v * v * v)
+            assert cube(3) == 27
+            with rpyc.classic.redirected_stdio(conn):
+                conn.execute("print('printed on the server, shown here')")
+            assert "printed on the server, shown here" in capfd.readouterr().out
+        finally:
+            conn.close()
+    finally:
+        sync.run(server.aclose())
+
+
+# -- PyCSP spellings -----------------------------------------------------------------------------------
+
+
+def test_pycsp_trace_and_disconnect_from_plain_code(tmp_path: Path) -> None:
+    """The seed's ``TraceInit('trace.log')`` ... ``TraceQuit()``, and ``channel.Disconnect()``."""
+    trace = tmp_path / "trace.log"
+    sync.TraceInit(str(trace))
+    try:
+        a = sync.Channel("traced")
+
+        @sync.process
+        def counter(cout: Any, limit: int) -> None:
+            for i in range(limit):
+                cout(i)
+            sync.poison(cout)
+
+        @sync.process
+        def printer(cin: Any) -> list[int]:
+            got: list[int] = []
+            while True:
+                try:
+                    got.append(cin())
+                except sync.ChannelPoisoned:
+                    return got
+
+        assert sync.Parallel(counter(a.writer(), limit=3), printer(a.reader())) == [None, [0, 1, 2]]
+    finally:
+        sync.TraceQuit()
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    writes = [r for r in records if r.get("event") == "write" and r.get("channel") == "traced"]
+    assert [r.get("value") for r in writes] == ["0", "1", "2"]
+    assert records[-1]["event"] == "trace-quit"
+
+    b = sync.Channel("left")
+    end = b.reader()
+    b.Disconnect()  # PyCSP's name: the ends made here leave the channel
+    with pytest.raises(sync.ChannelRetired, match="disconnected"):
+        end()
