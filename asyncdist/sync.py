@@ -40,13 +40,14 @@ Contract:
   loop; use them through this module only.
 
 The classic libraries' own spellings are aliases here, so their blocking
-examples run with only their imports changed: ``mapReduce`` (SCOOP),
-``locateNS``, ``Daemon.requestLoop`` and ``Daemon.serveSimple`` (Pyro4), ``PYRONAME:`` and
-``PYRO:`` URIs, ``conn.modules.sys.stdout = sys.stdout`` on a classic
-connection (RPyC), which sends the server's output for this connection here;
-and their module paths: ``core.Proxy``, ``core.Daemon``, ``naming.locateNS``
-(``Pyro4.core``, ``Pyro4.naming``), ``classic.connect`` and ``connect``
-(``rpyc.classic.connect``, ``rpyc.connect``).
+examples run with only their imports changed: ``mapReduce`` and
+``shared.setConst``/``getConst`` (SCOOP); ``locateNS``, ``Daemon.requestLoop``,
+``Daemon.serveSimple``, ``PYRONAME:`` and ``PYRO:`` URIs, ``core.Proxy``,
+``core.Daemon`` and ``naming.locateNS`` (Pyro4, ``Pyro4.core``,
+``Pyro4.naming``); ``classic.connect``, ``connect`` and
+``conn.modules.sys.stdout = sys.stdout`` on a classic connection, which sends
+the server's output for this connection here (RPyC); ``TraceInit``,
+``AltSelect`` and the guards (PyCSP).
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ __all__ = [
     "rpc_connect",
     "run",
     "serve",
+    "shared",
     "shutdown",
     "submit",
     "wait",
@@ -1081,6 +1083,36 @@ def Spawn(*processes: _csp.Process) -> Future[list[Any]]:
     """Start CSP processes without waiting; a Future of their results."""
     _check_caller(_loop_thread())
     return _spawn(_csp.Parallel(*processes))
+
+
+# -- shared constants (SCOOP's shared) ----------------------------------------------------------------
+
+_MISSING: Any = object()
+
+
+def _set_const(**constants: Any) -> None:
+    run(_futures.shared.set_const(**constants))
+
+
+def _get_const(name: str, default: Any = _MISSING) -> Any:
+    args = (name,) if default is _MISSING else (name, default)
+    if current_worker() is not None:  # in a task: the worker's copy, no loop needed
+        return _futures.shared.get_const(*args)
+    return call(_futures.shared.get_const, *args)  # the default pool lives on the sync loop
+
+
+def _getConst(name: str, timeout: float | None = None) -> Any:
+    # SCOOP's waits up to ``timeout`` for the constant to arrive, then gives None. Here it is
+    # on every worker before any task submitted after set_const returned: nothing to wait for.
+    return _get_const(name, None)
+
+
+#: SCOOP's ``shared``: ``shared.set_const(name=value)`` (``setConst``) on the default pool, which
+#: ``map`` and ``submit`` here use; ``shared.get_const(name[, default])`` in a task or here
+#: (KeyError when not set); ``getConst(name)`` gives None then, as SCOOP's.
+shared = types.SimpleNamespace(
+    set_const=_set_const, get_const=_get_const, setConst=_set_const, getConst=_getConst
+)
 
 
 # -- the classic libraries' module paths ---------------------------------------------------------

@@ -261,3 +261,17 @@ if __name__ == "__main__":
 def nested_slow_map(n: int, seconds: float) -> list[int]:
     """A plain task mapping ``slow_square`` (``seconds`` each) over ``range(n)`` with ``sync.map``."""
     return sync.map(slow_square, range(n), [seconds] * n)
+
+
+def times_factor(x: int) -> int:
+    """SCOOP's shared constants read in a task: ``x`` times the constant ``factor``."""
+    from asyncdist import sync
+
+    return sync.shared.getConst("factor") * x
+
+
+def const_or(name: str, default: Any) -> Any:
+    """A shared constant read in a task, ``default`` when it is not set."""
+    from asyncdist import sync
+
+    return sync.shared.get_const(name, default)

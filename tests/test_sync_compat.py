@@ -302,3 +302,23 @@ def test_pycsp_trace_and_disconnect_from_plain_code(tmp_path: Path) -> None:
     b.Disconnect()  # PyCSP's name: the ends made here leave the channel
     with pytest.raises(sync.ChannelRetired, match="disconnected"):
         end()
+
+
+# -- SCOOP's shared constants ----------------------------------------------------------------------------
+
+
+def test_scoop_shared_constants_reach_the_tasks_of_the_default_pool() -> None:
+    import _sync_tasks as tasks
+
+    shared = sync.shared  # from scoop import shared
+    shared.setConst(factor=3)
+    assert sync.map(tasks.times_factor, [1, 2, 3]) == [3, 6, 9]
+    assert sync.map(tasks.const_or, ["factor", "unset"], ["d", "d"]) == [3, "d"]
+    assert shared.getConst("factor") == 3  # here too
+    assert shared.get_const("factor") == 3
+    assert shared.getConst("unset") is None  # SCOOP's answer for a constant that never came
+    with pytest.raises(KeyError, match="unset"):
+        shared.get_const("unset")
+    shared.set_const(factor=3)  # the same value again: allowed
+    with pytest.raises(ValueError, match="factor"):
+        shared.setConst(factor=4)
