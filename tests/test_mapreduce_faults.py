@@ -467,7 +467,7 @@ async def test_f22_late_commit_of_a_frozen_slaves_reduce_is_ignored(tmp_path: Pa
         assert not late.exists()
         assert await job.wait() is results
         assert all(tuple(location) == survivor.address for location, _ in results)
-        assert c.progress(job) == {"name": "late", "map": [4, 4], "reduce": [2, 2]}
+        assert c.progress(job) == {"name": "late", "state": "done", "map": [4, 4], "reduce": [2, 2]}
         await check_golden(c, job, results, golden, expected)
         assert [marker_ppid(m) for m in markers(marks, "reduce")] == [victim.pid, survivor.pid]
 
