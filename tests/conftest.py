@@ -156,3 +156,19 @@ def fast() -> dict[str, float]:
         "handshake_timeout": 2.0 * SCALE,
         "close_timeout": 1.0 * SCALE,
     }
+
+
+@pytest.fixture
+def sync_name_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A name server on :mod:`asyncdist.sync`'s loop, on a free port (``ASYNCDIST_NS_PORT``
+    says where, as ``locate_ns`` reads it); closed after the test."""
+    from asyncdist import sync
+    from asyncdist.naming import NameServerDaemon
+
+    nsd = NameServerDaemon(port=0)
+    sync.run(nsd.start())
+    monkeypatch.setenv("ASYNCDIST_NS_PORT", str(nsd.port))
+    try:
+        yield nsd
+    finally:
+        sync.run(nsd.aclose())

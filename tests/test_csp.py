@@ -804,7 +804,8 @@ async def test_a_network_of_many_plain_function_processes_does_not_deadlock() ->
     assert results[-1] == [0, 1, 2, 3, 4]
 
 
-async def test_cancelling_parallel_ends_a_plain_process_blocked_on_a_channel() -> None:
+@pytest.mark.parametrize("blocked_in", ["read", "select"])
+async def test_cancelling_parallel_ends_a_plain_process_blocked_on_a_channel(blocked_in: str) -> None:
     ch = csp.Channel()
     started, ended = threading.Event(), threading.Event()
     seen: list[type[BaseException]] = []
@@ -813,7 +814,10 @@ async def test_cancelling_parallel_ends_a_plain_process_blocked_on_a_channel() -
     def blocked(cin: csp.ReaderEnd) -> None:
         started.set()
         try:
-            cin()
+            if blocked_in == "read":
+                cin()
+            else:  # a plain process's select blocks too (test_csp_plain_select.py)
+                csp.FairSelect(csp.InputGuard(cin))
         except BaseException as e:
             seen.append(type(e))
             raise
@@ -832,7 +836,7 @@ async def test_cancelling_parallel_ends_a_plain_process_blocked_on_a_channel() -
         await csp.poison(ch)  # unblock the thread (and its pending task) if cancellation did not
         await wait_for_flag(ended, BOUND)
         await settle()
-    assert thread_ended, f"the thread is still blocked in cin() after its Parallel was cancelled ({seen})"
+    assert thread_ended, f"the thread is still blocked ({blocked_in}) after Parallel was cancelled ({seen})"
 
 
 # -- cancellation never loses a value ------------------------------------------------------------

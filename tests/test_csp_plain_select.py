@@ -6,7 +6,8 @@ PyCSP programs write their processes as plain functions that call
 channels' event loop (a plain process's thread, a script's main thread, a
 notebook whose own loop runs in the calling thread) and return an awaitable
 on it, as ``cin()`` and ``cout(x)`` do. ``asyncdist.sync`` re-exports them
-with the guards.
+with the guards. (Cancelling a plain process blocked in a select: test_csp.py,
+with the one blocked in a read.)
 """
 
 from __future__ import annotations
@@ -138,37 +139,6 @@ async def test_poison_reaches_a_plain_process_blocked_in_a_select() -> None:
         await csp.poison(a, b)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-
-
-async def test_cancelling_parallel_ends_a_plain_process_blocked_in_a_select() -> None:
-    a = csp.Channel()
-    started, ended = threading.Event(), threading.Event()
-    seen: list[type[BaseException]] = []
-
-    @csp.process
-    def blocked(cin: csp.ReaderEnd) -> None:
-        started.set()
-        try:
-            csp.FairSelect(csp.InputGuard(cin))
-        except BaseException as e:
-            seen.append(type(e))
-            raise
-        finally:
-            ended.set()
-
-    task = asyncio.ensure_future(csp.Parallel(blocked(a.reader())))
-    try:
-        assert await flag_set(started)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        thread_ended = await flag_set(ended)
-    finally:
-        await csp.poison(a)  # unblock the thread if cancellation did not
-        await flag_set(ended)
-    assert thread_ended, (
-        f"the thread is still blocked in FairSelect after its Parallel was cancelled ({seen})"
-    )
 
 
 async def test_guards_of_channels_of_two_loops_are_refused_from_a_thread() -> None:

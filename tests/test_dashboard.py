@@ -576,15 +576,46 @@ def count_reduce(pairs: Any, params: Any) -> Iterator[tuple[str, int]]:
         yield key, sum(counts)
 
 
-async def test_mapreduce_jobs_are_shown(tmp_path: Path) -> None:
-    release = tmp_path / "release"
+class MapReduceSetup:
+    """A local MapReduce cluster (one slave) and a broker, for a dashboard with a master."""
+
+    def __init__(self, master: Any, server: Any, secret: Any) -> None:
+        self.master = master
+        self.server = server
+        self.secret = secret
+
+    def dashboard(self) -> Dashboard:
+        host, port = self.master.address
+        return Dashboard(
+            f"127.0.0.1:{self.server.port}",
+            secret=self.secret,
+            master=f"{host}:{port}",
+            port=0,
+            interval=INTERVAL,
+        )
+
+
+@contextlib.asynccontextmanager
+async def mapreduce_setup() -> AsyncIterator[MapReduceSetup]:
     try:
         cluster = await local_cluster(slaves=1)
-        master = cluster.master
-        assert master is not None
-        host, port = master.address
+        assert cluster.master is not None
         broker, server = await serve_broker("127.0.0.1", 0, secret=cluster.secret)
         try:
+            yield MapReduceSetup(cluster.master, server, cluster.secret)
+        finally:
+            await server.aclose()
+            broker.close()
+    finally:
+        await shutdown_local_cluster()
+
+
+async def test_mapreduce_jobs_are_shown(tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    async with mapreduce_setup() as setup:
+        try:
+            master = setup.master
+            host, port = master.address
             # One slave, one task at a time, inputs in order: two maps finish, the third blocks.
             job = await Job(name="dash-words").run(
                 input=[["alpha"], ["beta"], ["block"]], map=hold_map, reduce=count_reduce, params=str(release)
@@ -596,13 +627,7 @@ async def test_mapreduce_jobs_are_shown(tmp_path: Path) -> None:
                 return info and info["map"] == [2, 3]
 
             await eventually(progress, "two of the three maps did not finish", timeout=30)
-            async with Dashboard(
-                f"127.0.0.1:{server.port}",
-                secret=cluster.secret,
-                master=f"{host}:{port}",
-                port=0,
-                interval=INTERVAL,
-            ) as dash:
+            async with setup.dashboard() as dash:
                 await eventually(lambda: dash.snapshot()["mapreduce"]["reachable"] is True, "no master")
                 mr = dash.snapshot()["mapreduce"]
                 assert mr["address"] == f"{host}:{port}"
@@ -644,11 +669,7 @@ async def test_mapreduce_jobs_are_shown(tmp_path: Path) -> None:
                 page = await render(dash.url, tmp_path)
                 assert page.one("tr", data_job=job.id).one(data_field="state").text == "done"
         finally:
-            await server.aclose()
-            broker.close()
-    finally:
-        release.write_text("go")
-        await shutdown_local_cluster()
+            release.write_text("go")  # a blocked map would hold the slave at shutdown
 
 
 def failing_map(record: str, params: Any) -> Iterator[tuple[str, int]]:
@@ -657,42 +678,25 @@ def failing_map(record: str, params: Any) -> Iterator[tuple[str, int]]:
 
 
 async def test_a_failed_mapreduce_job_is_shown_failed_with_its_error(tmp_path: Path) -> None:
-    try:
-        cluster = await local_cluster(slaves=1)
-        master = cluster.master
-        assert master is not None
-        host, port = master.address
-        broker, server = await serve_broker("127.0.0.1", 0, secret=cluster.secret)
-        try:
-            job = await Job(name="dash-bad").run(input=[["x"]], map=failing_map, max_attempts=1)
-            with pytest.raises(ValueError):
-                await job.wait(timeout=30 * SCALE)
-            async with Dashboard(
-                f"127.0.0.1:{server.port}",
-                secret=cluster.secret,
-                master=f"{host}:{port}",
-                port=0,
-                interval=INTERVAL,
-            ) as dash:
-                await eventually(lambda: dash.snapshot()["mapreduce"]["jobs"], "no job shown")
-                [shown] = dash.snapshot()["mapreduce"]["jobs"]
-                assert (shown["id"], shown["state"], shown["done"]) == (job.id, "failed", False)
-                assert shown["error"] == "ValueError: cannot map <x> & more"
-                page = await render(dash.url, tmp_path)
-                badge = page.one("tr", data_job=job.id).one(data_field="state")
-                assert badge.text == "failed"
-                assert badge.attrs["title"] == "ValueError: cannot map <x> & more"
-                assert "failed" in badge.attrs["class"].split()
-                # The table of `asyncdist status` says the same.
-                text = format_status(dash.snapshot()["status"], master.status())
-                row = next(line for line in text.splitlines() if line.startswith(str(job.id)))
-                assert row.endswith("failed (ValueError: cannot map <x> & more)"), row
-            await job.purge()
-        finally:
-            await server.aclose()
-            broker.close()
-    finally:
-        await shutdown_local_cluster()
+    async with mapreduce_setup() as setup:
+        job = await Job(name="dash-bad").run(input=[["x"]], map=failing_map, max_attempts=1)
+        with pytest.raises(ValueError):
+            await job.wait(timeout=30 * SCALE)
+        async with setup.dashboard() as dash:
+            await eventually(lambda: dash.snapshot()["mapreduce"]["jobs"], "no job shown")
+            [shown] = dash.snapshot()["mapreduce"]["jobs"]
+            assert (shown["id"], shown["state"], shown["done"]) == (job.id, "failed", False)
+            assert shown["error"] == "ValueError: cannot map <x> & more"
+            page = await render(dash.url, tmp_path)
+            badge = page.one("tr", data_job=job.id).one(data_field="state")
+            assert badge.text == "failed"
+            assert badge.attrs["title"] == "ValueError: cannot map <x> & more"
+            assert "failed" in badge.attrs["class"].split()
+            # The table of `asyncdist status` says the same.
+            text = format_status(dash.snapshot()["status"], setup.master.status())
+            row = next(line for line in text.splitlines() if line.startswith(str(job.id)))
+            assert row.endswith("failed (ValueError: cannot map <x> & more)"), row
+        await job.purge()
 
 
 # -- closing ----------------------------------------------------------------------------------------------

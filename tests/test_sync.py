@@ -560,19 +560,7 @@ class Served:
 
 
 @pytest.fixture
-def name_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[NameServerDaemon]:
-    """A name server on the sync loop, on a free port (ASYNCDIST_NS_PORT, as locate_ns reads it)."""
-    nsd = NameServerDaemon(port=0)
-    sync.run(nsd.start())
-    monkeypatch.setenv("ASYNCDIST_NS_PORT", str(nsd.port))
-    try:
-        yield nsd
-    finally:
-        sync.run(nsd.aclose())
-
-
-@pytest.fixture
-def served(name_server: NameServerDaemon) -> Iterator[Served]:
+def served(sync_name_server: NameServerDaemon) -> Iterator[Served]:
     """A Shop in a sync.Daemon serving in a thread (request_loop), registered as test.shop."""
     daemon = sync.Daemon()
     shop = Shop()
@@ -632,7 +620,7 @@ def test_proxy_calls_properties_generators_oneway_and_errors(served: Served) -> 
         assert shop.forward(served.uri, "via-forward") == 1
 
 
-def test_request_loop_ends_on_shutdown_from_another_thread(name_server: NameServerDaemon) -> None:
+def test_request_loop_ends_on_shutdown_from_another_thread(sync_name_server: NameServerDaemon) -> None:
     daemon = sync.Daemon()
     shop, other = Shop(), Shop()
     uri = daemon.register(shop)
@@ -656,7 +644,7 @@ def test_request_loop_ends_on_shutdown_from_another_thread(name_server: NameServ
     proxy._release()
 
 
-def test_pyro_spellings_and_loop_condition(name_server: NameServerDaemon) -> None:
+def test_pyro_spellings_and_loop_condition(sync_name_server: NameServerDaemon) -> None:
     assert sync.locateNS is sync.locate_ns
     assert sync.Daemon.requestLoop is sync.Daemon.request_loop
     assert sync.Proxy._pyroRelease is sync.Proxy._release

@@ -57,18 +57,6 @@ def _stop_the_sync_loop(leak_check: None) -> Iterator[None]:
     sync.shutdown()
 
 
-@pytest.fixture
-def name_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[NameServerDaemon]:
-    """A name server on the sync loop, on a free port (ASYNCDIST_NS_PORT, as locate_ns reads it)."""
-    nsd = NameServerDaemon(port=0)
-    sync.run(nsd.start())
-    monkeypatch.setenv("ASYNCDIST_NS_PORT", str(nsd.port))
-    try:
-        yield nsd
-    finally:
-        sync.run(nsd.aclose())
-
-
 class Running:
     """A blocking server call running in a thread; ``ready`` is set with its daemon and URIs."""
 
@@ -104,7 +92,7 @@ class Running:
 
 
 def test_serve_simple_names_the_objects_and_removes_the_names_at_shutdown(
-    name_server: NameServerDaemon, capsys: pytest.CaptureFixture[str]
+    sync_name_server: NameServerDaemon, capsys: pytest.CaptureFixture[str]
 ) -> None:
     greeter = Greeter()
     server = Running(sync.Daemon.serveSimple, {greeter: "example.greeting", Counter: "example.counter"})
@@ -154,7 +142,7 @@ def test_serve_simple_without_the_name_server_and_in_a_given_daemon(
         assert server.error is None
 
 
-def test_sync_serve_objects_without_names(name_server: NameServerDaemon) -> None:
+def test_sync_serve_objects_without_names(sync_name_server: NameServerDaemon) -> None:
     server = Running(sync.serve, {Greeter(): None}, use_ns=True, verbose=False)
     try:
         [(key, uri)] = server.uris.items()
@@ -224,7 +212,7 @@ def test_pyro4_and_rpyc_module_paths_name_the_same_things() -> None:
         assert name in sync.__all__
 
 
-def test_pyro4_core_and_naming_serve_and_find_an_object(name_server: NameServerDaemon) -> None:
+def test_pyro4_core_and_naming_serve_and_find_an_object(sync_name_server: NameServerDaemon) -> None:
     """The seed's chain/shop spellings, end to end in one process."""
     Pyro4 = sync
     ns = Pyro4.naming.locateNS()
