@@ -101,3 +101,11 @@ class ThreadPool:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in self._threads)
+
+    async def wait_joined(self, timeout: float) -> bool:
+        """:meth:`join` without blocking the loop: in the default executor, or here at
+        interpreter exit (a sync facade closing at exit), when that executor takes no work."""
+        try:
+            return await asyncio.to_thread(self.join, timeout)
+        except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+            return self.join(timeout)

@@ -26,9 +26,10 @@ Contract:
   thread until it ends; any number of threads may call at once.
 * It works where a loop is already running in the calling thread
   (Jupyter): the call blocks that thread while this module's own loop does
-  the work. It refuses to run on its own loop thread (a plain RPC callback
-  or a Daemon method that is not ``async def`` runs there or in its
-  threads: call the async API from an ``async def`` one instead).
+  the work. It refuses to run on its own loop thread, where it would wait
+  for itself; the plain callbacks the peer of an RPC connection made here
+  calls, and the plain methods of a Daemon made here, run in threads and
+  may call it (``async def`` ones run on the loop: they use the async API).
 * Inside a worker task (a plain function running on an asyncdist worker),
   a blocking call gives the task's slot back to the worker while it waits,
   so the tasks it waits for can run on that same worker: nested
@@ -333,7 +334,12 @@ def _spawn(coro: Coroutine[Any, Any, _T]) -> Future[_T]:
         if fut.cancelled():
             coro.close()
             return
-        task = runner.loop.create_task(coro)
+        try:
+            task = runner.loop.create_task(coro)
+        except BaseException as exc:  # not a coroutine: say so rather than wait forever
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                fut.set_exception(exc)
+            return
         fut._task = task
 
         def done(t: asyncio.Task[_T]) -> None:
@@ -353,12 +359,14 @@ def _spawn(coro: Coroutine[Any, Any, _T]) -> Future[_T]:
     return fut
 
 
-def run(coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
-    """Run a coroutine on the sync loop and return its result, blocking this thread.
+def run(aw: Awaitable[_T], timeout: float | None = None) -> _T:
+    """Run a coroutine (or another awaitable: ``sync.run(rpc.serve(...))``) on the sync loop
+    and return its result, blocking this thread.
 
     ``timeout`` (seconds) cancels it and raises :class:`TimeoutError`.
     Ctrl-C while waiting cancels it and raises KeyboardInterrupt.
     """
+    coro = aw if asyncio.iscoroutine(aw) else _await(aw)
     runner = _loop_thread()
     try:
         _check_caller(runner)
@@ -394,7 +402,7 @@ def _iterate(agen: AsyncIterator[_T]) -> Iterator[_T]:
     try:
         while True:
             try:
-                item: _T = run(agen.__anext__())  # type: ignore[arg-type]
+                item: _T = run(agen.__anext__())
             except StopAsyncIteration:
                 return
             yield item
@@ -764,6 +772,8 @@ class Daemon:
                     if done:
                         serving.result()
                         break
+        except concurrent.futures.CancelledError:
+            return  # sync.shutdown() (or interpreter exit) stopped the loop: the daemon is closed
         finally:
             self.shutdown()
 
@@ -921,13 +931,24 @@ class RPCConnection:
         return f"<sync {self._conn!r}>"
 
 
+#: Threads of a sync RPC connection for the plain callbacks and service methods the peer calls
+#: here: they may block (call the peer back through this module), nested this deep at most.
+CALLBACK_THREADS = 64
+
+
 def rpc_connect(host: str = "127.0.0.1", port: int | None = 18861, **kwargs: Any) -> RPCConnection:
-    """A blocking :func:`asyncdist.rpc.connect` (same arguments)."""
-    return RPCConnection(run(_open(_rpc.connect(host, port, **kwargs))))
+    """A blocking :func:`asyncdist.rpc.connect` (same arguments).
+
+    Plain callbacks the server calls (and this side's plain service methods)
+    run in threads, ``threads=CALLBACK_THREADS`` unless given, so they may
+    call the server back, as RPyC's do (``threads=None``: on the loop).
+    """
+    kwargs.setdefault("threads", CALLBACK_THREADS)
+    return RPCConnection(run(_await(_rpc.connect(host, port, **kwargs))))
 
 
-async def _open(opener: Any) -> Any:
-    return await opener
+async def _await(aw: Awaitable[_T]) -> _T:
+    return await aw
 
 
 class _Modules:
@@ -1012,8 +1033,10 @@ class ClassicConnection(RPCConnection):
 
 
 def classic_connect(host: str = "127.0.0.1", port: int | None = 18812, **kwargs: Any) -> ClassicConnection:
-    """A blocking :func:`asyncdist.rpc.classic.connect` (the server must allow classic mode)."""
-    return ClassicConnection(run(_open(_classic.connect(host, port, **kwargs))))
+    """A blocking :func:`asyncdist.rpc.classic.connect` (the server must allow classic mode);
+    callbacks run in threads as with :func:`rpc_connect`."""
+    kwargs.setdefault("threads", CALLBACK_THREADS)
+    return ClassicConnection(run(_await(_classic.connect(host, port, **kwargs))))
 
 
 # -- MapReduce (Disco) -------------------------------------------------------------------------

@@ -225,6 +225,31 @@ def _shutdown_main() -> None:
         os.waitpid(p, 0)
 
 
+@sync.expose
+class _Hello:
+    def hi(self) -> str:
+        return "hi"
+
+
+def _servers_exit_main() -> None:
+    """Pyro's callback pattern and an RPyC client, then a plain exit: nothing may be printed to
+    stderr (the daemon's request loop in a daemon thread, the connection's callback threads)."""
+    import threading
+
+    from asyncdist import rpc
+
+    daemon = sync.Daemon()
+    uri = daemon.register(_Hello())
+    threading.Thread(target=daemon.request_loop, daemon=True).start()
+    with sync.Proxy(uri) as hello:
+        print(hello.hi(), flush=True)
+    server = sync.run(rpc.classic.serve(allow_classic=True, port=0))  # an awaitable, not a coroutine
+    conn = sync.classic_connect("127.0.0.1", server.port)
+    conn.modules.sys.stdout = sys.stdout  # the server's prints come here, through a callback thread
+    conn.execute("print('remote hi')")
+    # No close, no shutdown: the interpreter's exit does it.
+
+
 def _progress_main(kind: str) -> None:
     if kind == "job":
         job = sync.Job(name="progress").run(
@@ -254,8 +279,11 @@ if __name__ == "__main__":
         _shutdown_main()
     elif command == ["progress"]:
         _progress_main(sys.argv[2])
+    elif command == ["servers"]:
+        _servers_exit_main()
     else:
-        sys.exit(f"usage: {sys.argv[0]} exit | ctrlc DIR | shutdown | progress map|as_completed|job")
+        usage = "exit | ctrlc DIR | shutdown | progress map|as_completed|job | servers"
+        sys.exit(f"usage: {sys.argv[0]} {usage}")
 
 
 def nested_slow_map(n: int, seconds: float) -> list[int]:

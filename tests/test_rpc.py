@@ -1222,6 +1222,27 @@ async def test_remote_exceptions_arrive_as_their_type_with_the_traceback() -> No
         assert await conn.root.echo("after errors") == "after errors"
 
 
+async def test_connect_with_threads_runs_plain_callbacks_in_threads() -> None:
+    """``rpc.connect(threads=N)``: the plain callbacks (and client service methods) the server
+    calls run in threads of this side, so they may block; without it, on the loop."""
+    loop_thread = threading.current_thread().name
+    ran_on: list[str] = []
+
+    def plain(x: int) -> int:
+        ran_on.append(threading.current_thread().name)
+        return x + 1
+
+    async with pair(client_options={"threads": 2}) as (_, conn):
+        assert await conn.root.apply(plain, 1) == 2
+    async with pair() as (_, conn):
+        assert await conn.root.apply(plain, 2) == 3
+    assert ran_on[0].startswith("asyncdist-rpc"), ran_on
+    assert ran_on[1] == loop_thread
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="threads"):
+            await rpc.connect(port=1, threads=bad)
+
+
 # -- the command line ----------------------------------------------------------------------------
 
 

@@ -371,6 +371,30 @@ def test_plain_tasks_run_in_task_threads() -> None:
 # -- plain scripts (subprocesses) -------------------------------------------------------------------
 
 
+def test_a_script_with_a_daemon_and_a_classic_connection_exits_quietly() -> None:
+    done = subprocess.run(
+        [sys.executable, str(TASKS_SCRIPT), "servers"],
+        capture_output=True,
+        text=True,
+        timeout=BOUND,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["hi", "remote hi"]
+    assert done.stderr == ""
+
+
+def test_run_takes_any_awaitable_and_refuses_what_is_not_one() -> None:
+    server = sync.run(rpc.serve(StoreService, port=0))  # an awaitable context, not a coroutine
+    try:
+        with sync.rpc_connect("127.0.0.1", server.port) as conn:
+            assert conn.root.double(2) == 4
+    finally:
+        sync.run(server.aclose())
+    with pytest.raises(TypeError):
+        sync.run(42, timeout=BOUND)  # type: ignore[arg-type]
+
+
 def test_a_script_exits_without_closing_and_leaves_no_worker() -> None:
     started = time.monotonic()
     done = subprocess.run(
@@ -726,6 +750,9 @@ class StoreService(rpc.Service):
     async def exposed_twice(self, f: Any, x: int) -> Any:
         return await f(await f(x))
 
+    async def exposed_bounce(self, f: Any, n: int) -> Any:
+        return await f(n)
+
     def exposed_fail(self, kind: str) -> None:
         if kind == "key":
             raise KeyError("no such key")
@@ -766,20 +793,49 @@ def test_rpc_connect_root_netrefs_and_callbacks(rpc_server: Any) -> None:
             return x + 1
 
         assert conn.root.twice(increment, 1) == 3
-        assert called_on == ["asyncdist-sync", "asyncdist-sync"]  # plain callbacks: the loop thread
+        # Plain callbacks run in the connection's threads, not on the sync loop.
+        assert len(called_on) == 2
+        assert all(name.startswith("asyncdist-rpc") for name in called_on), called_on
         with pytest.raises(KeyError, match="no such key"):
             conn.root.fail("key")
         with pytest.raises(ValueError, match="no good"):
             conn.root.fail("value")
 
         def blocking_callback(x: int) -> int:
+            return conn.root.double(x)  # a blocking call back to the server, from its callback
+
+        assert conn.root.twice(blocking_callback, 1) == 4
+        assert not conn.closed
+    assert conn.closed
+    conn.close()  # idempotent
+
+
+def test_callbacks_on_the_loop_thread_are_refused_a_blocking_call(rpc_server: Any) -> None:
+    """With ``threads=None`` callbacks run on the sync loop: a blocking call there is refused."""
+    with sync.rpc_connect("127.0.0.1", rpc_server.port, threads=None) as conn:
+        called_on: list[str] = []
+
+        def blocking_callback(x: int) -> int:
+            called_on.append(threading.current_thread().name)
             return sync.call(int)  # on the loop thread: refused, not a deadlock
 
         with pytest.raises(RuntimeError, match="own thread"):
             conn.root.twice(blocking_callback, 1)
+        assert called_on == ["asyncdist-sync"]
         assert not conn.closed
-    assert conn.closed
-    conn.close()  # idempotent
+
+
+def test_blocking_callbacks_nest_to_depth_40_alternating_sides(rpc_server: Any) -> None:
+    """RPyC's nesting: the server calls the client's plain callback, which calls the server..."""
+    with sync.rpc_connect("127.0.0.1", rpc_server.port) as conn:
+        depth: list[int] = []
+
+        def down(n: int) -> int:
+            depth.append(n)
+            return 0 if n == 0 else 1 + conn.root.bounce(down, n - 1)
+
+        assert conn.root.bounce(down, 40) == 40
+        assert depth == list(range(40, -1, -1))
 
 
 async def _serve_classic() -> Any:

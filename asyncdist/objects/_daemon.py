@@ -210,7 +210,7 @@ class Daemon:
             return
         # Plain methods still running (their callers gone) get close_timeout to finish.
         pool.shutdown()
-        if not await asyncio.to_thread(pool.join, self.options.close_timeout):
+        if not await pool.wait_joined(self.options.close_timeout):
             log.warning(
                 "daemon at %s closed with %d plain method call(s) still running in threads",
                 self.location,

@@ -96,7 +96,7 @@ class _Threads:
         pool, self.pool = self.pool, None
         if pool is not None:
             pool.shutdown()
-            await asyncio.to_thread(pool.join, timeout)
+            await pool.wait_joined(timeout)
 
 
 def _instantiate(service: Any) -> Any:
@@ -116,14 +116,23 @@ class Connection:
     held for the peer are dropped.
     """
 
-    def __init__(self, service: Any, policy: Policy, threads: _Threads, *, classic: bool = False) -> None:
+    def __init__(
+        self,
+        service: Any,
+        policy: Policy,
+        threads: _Threads,
+        *,
+        classic: bool = False,
+        threaded: bool = False,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self.service = service
         self.policy = policy
         self._threads = threads
-        #: In classic mode every plain call runs in a thread.
-        self._threaded = classic
+        #: In classic mode (and on a client connected with ``threads=``) every plain call runs
+        #: in a thread.
+        self._threaded = classic or threaded
         self._classic = classic
         self._objects: dict[int, list[Any]] = {0: [service, 1]}
         self._oid_of: dict[int, int] = {id(service): 0}
@@ -591,13 +600,20 @@ async def open_connection(
     ssl: _ssl.SSLContext | None,
     options: Mapping[str, Any],
     session_class: type[Connection] = Connection,
+    threads: int | None = None,
 ) -> Connection:
     """The shared body of :func:`connect` and ``rpc.classic.connect`` (``path`` wins over ``port``)."""
     if options.get("accept_pickle", "refuse") != "refuse":
         raise ConfigurationError("RPC connections never accept pickles (B17)")
-    pool = _Threads(4)
+    if threads is not None and (type(threads) is not int or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, not {threads!r}")
+    pool = _Threads(threads or 4)
     session = session_class(
-        _instantiate(service), Policy(allow_public_attrs=allow_public_attrs), pool, classic=False
+        _instantiate(service),
+        Policy(allow_public_attrs=allow_public_attrs),
+        pool,
+        classic=False,
+        threaded=threads is not None,
     )
     await _core.connect(
         host,
@@ -628,12 +644,17 @@ def connect(
     secret: str | bytes | None = None,
     ssl: _ssl.SSLContext | None = None,
     allow_public_attrs: bool = False,
+    threads: int | None = None,
     **options: Any,
 ) -> _core._AwaitableContext[Connection]:
     """Connect to an RPC server; ``await`` it, or ``async with`` to close it too.
 
     ``service`` (a class, made once for this connection, or an instance) is
-    what the server may call back here, as its ``conn.root``. Raises what
+    what the server may call back here, as its ``conn.root``. ``threads``:
+    run this side's plain methods and the plain callbacks the server calls
+    in up to that many threads, so that they may block (call the server back
+    through :mod:`asyncdist.sync`, as RPyC's callbacks do); None (the
+    default) runs them on the loop, where they must not block. Raises what
     :func:`asyncdist.connect` raises. Other keyword arguments are
     :class:`~asyncdist.connection.Options` fields.
     """
@@ -648,5 +669,6 @@ def connect(
             secret=secret,
             ssl=ssl,
             options=options,
+            threads=threads,
         )
     )

@@ -317,9 +317,14 @@ def connect(
     path: str | os.PathLike[str] | None = None,
     secret: str | bytes | None = None,
     ssl: _ssl.SSLContext | None = None,
+    threads: int | None = None,
     **options: Any,
 ) -> _core._AwaitableContext[ClassicConnection]:
-    """Connect to a classic server; raises PermissionError if the server is not one (B28)."""
+    """Connect to a classic server; raises PermissionError if the server is not one (B28).
+
+    ``threads`` is as for :func:`asyncdist.rpc.connect`: the callbacks the
+    server calls here run in threads and may block.
+    """
 
     async def open_() -> ClassicConnection:
         conn = await open_connection(
@@ -333,6 +338,7 @@ def connect(
             ssl=ssl,
             options=options,
             session_class=ClassicConnection,
+            threads=threads,
         )
         assert isinstance(conn, ClassicConnection)
         return conn
