@@ -80,6 +80,7 @@ from .rpc import classic as _classic
 
 __all__ = [
     "ALL_COMPLETED",
+    "CALLBACK_THREADS",
     "FIRST_COMPLETED",
     "FIRST_EXCEPTION",
     "AltSelect",

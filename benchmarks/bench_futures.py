@@ -507,10 +507,15 @@ def run_multiprocessing(s: Settings, out: FamilyResult) -> None:
                 record_wall(default, "d", repeat_runs(lambda: pi(s.n_d), s), s.n_d, s)
 
             _guard(default, "d", measure_d)
-        pool.close()
-    finally:
-        pool.terminate()
+    except BaseException:
+        pool.terminate()  # an error or a signal: stop the workers now
         pool.join()
+        raise
+    # Done: close and join. terminate() can hang in Pool's handler threads (CPython issues
+    # 78178, 73945, open); in CI this family measured everything, then gave no result within
+    # 60 s, twice, with terminate() here.
+    pool.close()
+    pool.join()
 
 
 # -- concurrent.futures.ProcessPoolExecutor ------------------------------------------------------
