@@ -371,14 +371,14 @@ def test_plain_tasks_run_in_task_threads() -> None:
 # -- plain scripts (subprocesses) -------------------------------------------------------------------
 
 
+def run_script(command: str) -> subprocess.CompletedProcess[str]:
+    """``python tests/_sync_tasks.py COMMAND`` to its end (at most BOUND s), output captured."""
+    argv = [sys.executable, str(TASKS_SCRIPT), command]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=BOUND, check=False)
+
+
 def test_a_script_with_a_daemon_and_a_classic_connection_exits_quietly() -> None:
-    done = subprocess.run(
-        [sys.executable, str(TASKS_SCRIPT), "servers"],
-        capture_output=True,
-        text=True,
-        timeout=BOUND,
-        check=False,
-    )
+    done = run_script("servers")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["hi", "remote hi"]
     assert done.stderr == ""
@@ -397,13 +397,7 @@ def test_run_takes_any_awaitable_and_refuses_what_is_not_one() -> None:
 
 def test_a_script_exits_without_closing_and_leaves_no_worker() -> None:
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, str(TASKS_SCRIPT), "exit"],
-        capture_output=True,
-        text=True,
-        timeout=BOUND,
-        check=False,
-    )
+    done = run_script("exit")
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - started < 15 * SCALE
     lines = done.stdout.splitlines()
@@ -446,13 +440,7 @@ def test_ctrl_c_interrupts_a_blocking_map(tmp_path: Path) -> None:
 
 
 def test_shutdown_closes_pools_made_here() -> None:
-    done = subprocess.run(
-        [sys.executable, str(TASKS_SCRIPT), "shutdown"],
-        capture_output=True,
-        text=True,
-        timeout=BOUND,
-        check=False,
-    )
+    done = run_script("shutdown")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"closed": True, "left": []}
 
