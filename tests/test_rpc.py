@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -1241,6 +1242,60 @@ async def test_connect_with_threads_runs_plain_callbacks_in_threads() -> None:
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="threads"):
             await rpc.connect(port=1, threads=bad)
+
+
+class Sprayer(rpc.Service):
+    """Calls the client's ``record`` one-way ``n`` times (the client's service is its root)."""
+
+    def on_connect(self, conn: rpc.Connection) -> None:
+        self.client = conn.root
+
+    def exposed_spray(self, n: int) -> None:
+        for i in range(n):
+            self.client.record.oneway(i)
+
+
+class SlowRecorder(rpc.Service):
+    """A plain ``record`` that takes a varying while: run concurrently, calls would finish
+    out of order."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def exposed_record(self, i: int) -> None:
+        time.sleep(0.002 * (3 - i % 4))
+        self.seen.append(i)
+
+
+@pytest.mark.parametrize("classic_server", [False, True], ids=["threads=4", "classic server"])
+async def test_oneway_calls_run_in_threads_keep_their_order(classic_server: bool) -> None:
+    """One-way calls that run in threads (a client connected with ``threads=``, a classic
+    server) still run one after another, in the order sent."""
+    if classic_server:
+        async with rpc.classic.serve(allow_classic=True, port=0) as server:
+            conn = await rpc.classic.connect(port=server.port)
+            try:
+                await conn.execute(
+                    "import time\nseen = []\n"
+                    "def record(i):\n    time.sleep(0.002 * (3 - i % 4))\n    seen.append(i)\n"
+                )
+                record = await conn.eval("record")
+                for i in range(40):
+                    record.oneway(i)
+
+                async def all_seen() -> bool:
+                    return bool(await conn.eval("len(seen)") == 40)
+
+                await eventually(all_seen, "the one-way calls did not all run")
+                assert await conn.eval("seen") == list(range(40))
+            finally:
+                await conn.close()
+        return
+    client = SlowRecorder()
+    async with pair(Sprayer, client=client, client_options={"threads": 4}) as (_, conn):
+        await conn.root.spray(40)
+        await eventually(lambda: len(client.seen) == 40, "the one-way calls did not all run")
+        assert client.seen == list(range(40))
 
 
 # -- the command line ----------------------------------------------------------------------------

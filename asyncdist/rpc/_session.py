@@ -11,6 +11,8 @@ name               arguments                                    answer
 =================  ===========================================  ================================
 ``rpc.call``       object id, member path or None, then the     the result; as a one-way
                    call's own arguments (and keyword arguments) message, nothing
+``rpc.oneway``     as ``rpc.call`` (a one-way message only;     --
+                   calls that run in threads run in order)
 ``rpc.getattr``    object id, member path                       the attribute's value
 ``rpc.setattr``    object id, member path or None, name, value  None
 ``rpc.op``         object id, member path or None, ``"len"`` |  the value
@@ -141,6 +143,7 @@ class Connection:
         self._drops: collections.deque[tuple[int, int]] = collections.deque()
         self._drop_scheduled = False
         self._gate: asyncio.Future[None] | None = None
+        self._oneway_tail: asyncio.Future[Any] | None = None  # the last one-way call run in a thread
         self._hook_tasks: set[asyncio.Task[Any]] = set()
         self.conn: _core.Connection = None  # type: ignore[assignment]  # set by _attach
         self.root = Netref(self, 0, "root")
@@ -181,6 +184,7 @@ class Connection:
     def handlers(self) -> dict[str, Callable[..., Any]]:
         return {
             "rpc.call": self._h_call,
+            "rpc.oneway": self._h_oneway,
             "rpc.getattr": self._h_getattr,
             "rpc.setattr": self._h_setattr,
             "rpc.op": self._h_op,
@@ -314,13 +318,13 @@ class Connection:
         if self.closed:
             raise self.conn.close_exception or ConnectionClosed("the connection is closed")
         if threading.get_ident() == self._loop_thread:
-            self.conn.notify_nowait("rpc.call", *args, **kwargs)
+            self.conn.notify_nowait("rpc.oneway", *args, **kwargs)
         else:
             self._loop.call_soon_threadsafe(self._oneway_later, args, kwargs)
 
     def _oneway_later(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not self.closed:
-            self.conn.notify_nowait("rpc.call", *args, **kwargs)
+            self.conn.notify_nowait("rpc.oneway", *args, **kwargs)
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -343,9 +347,8 @@ class Connection:
             result = await result
         return result
 
-    def _h_call(self, oid: Any, path: Any, /, *args: Any, **kwargs: Any) -> Any:
-        if (gate := self._gate) is not None:
-            return self._after_gate(gate, self._h_call, (oid, path, *args), kwargs)
+    def _callee(self, oid: Any, path: Any) -> tuple[Callable[..., Any], bool]:
+        """The callable ``rpc.call`` reaches, and whether it runs in a thread."""
         entry = self._objects.get(oid) if type(oid) is int else None
         if entry is None:
             raise UnknownObjectError(f"no object #{oid!r} here: released, or never sent")
@@ -353,7 +356,32 @@ class Connection:
             func, blocking = entry[0], False
         else:
             func, blocking = self.policy.lookup(entry[0], path)
-        if blocking or (self._threaded and not inspect.iscoroutinefunction(func)):
+        return func, blocking or (self._threaded and not inspect.iscoroutinefunction(func))
+
+    def _h_oneway(self, oid: Any, path: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """A one-way call: as ``rpc.call``, but those that run in threads run one after the
+        other, in the order sent (so a classic server's redirected prints stay in order)."""
+        if (gate := self._gate) is not None:
+            return self._after_gate(gate, self._h_oneway, (oid, path, *args), kwargs)
+        func, in_thread = self._callee(oid, path)
+        if not in_thread:
+            return self._h_call(oid, path, *args, **kwargs)
+        before = self._oneway_tail
+        job = functools.partial(func, *args, **kwargs)
+
+        async def in_order() -> Any:
+            if before is not None and not before.done():
+                await asyncio.wait([before])  # its outcome is its own (the core logs a failure)
+            return await self._threads.run(job)
+
+        self._oneway_tail = tail = asyncio.ensure_future(in_order())
+        return tail
+
+    def _h_call(self, oid: Any, path: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if (gate := self._gate) is not None:
+            return self._after_gate(gate, self._h_call, (oid, path, *args), kwargs)
+        func, in_thread = self._callee(oid, path)
+        if in_thread:
             return self._threads.run(functools.partial(func, *args, **kwargs))
         result = func(*args, **kwargs) if kwargs else func(*args)
         if type(result) is AsyncGeneratorType:
