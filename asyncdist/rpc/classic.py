@@ -189,7 +189,9 @@ class ClassicService(Service):
         _remove_routers()
 
 
-def _write_locally(stream: str, text: str) -> None:
+async def _write_locally(stream: str, text: str) -> None:
+    # async def: it runs on the loop even on a connection whose plain callbacks run in threads
+    # (sync's), in the order the server wrote, before the reply of the call that printed.
     out = sys.stderr if stream == "stderr" else sys.stdout
     out.write(text)
     if text.endswith("\n"):
