@@ -58,6 +58,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import os
+import pickle
 import threading
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
@@ -624,6 +625,28 @@ def _wrap(value: Any) -> Any:
     return value
 
 
+def _unwrap(value: Any, depth: int = 0) -> Any:
+    """Values going to the loop: blocking handles become the async ones they wrap (so that a
+    remote reference sent back arrives as the object itself), also inside lists, tuples, sets
+    and dicts."""
+    cls = type(value)
+    if cls is RemoteRef or cls is _SysRef:
+        return value._ref
+    if cls is Proxy:
+        return value._p
+    if depth < 4:
+        if cls is list or cls is tuple or cls is set or cls is frozenset:
+            items = [_unwrap(v, depth + 1) for v in value]
+            return items if cls is list else cls(items)
+        if cls is dict:
+            return {k: _unwrap(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+def _unwrap_all(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return tuple(_unwrap(a) for a in args), {k: _unwrap(v) for k, v in kwargs.items()}
+
+
 class Proxy:
     """A blocking :class:`asyncdist.Proxy`: ``proxy.method(*args)`` returns the result.
 
@@ -665,7 +688,7 @@ class Proxy:
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("_"):
             raise AttributeError(f"{name}: local attributes of a sync proxy are fixed")
-        run(self._p._set(name, value))
+        run(self._p._set(name, _unwrap(value)))
 
     def _connect(self) -> Proxy:
         """Connect now (a call connects by itself)."""
@@ -681,6 +704,7 @@ class Proxy:
 
     def _call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call the remote method ``name`` (for names that clash with a local one)."""
+        args, kwargs = _unwrap_all(args, kwargs)
         return _wrap(run(self._p._call(name, *args, **kwargs)))
 
     @property
@@ -715,6 +739,7 @@ class _Method:
         self._name = name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = _unwrap_all(args, kwargs)
         return _wrap(run(self._proxy._invoke(self._name, args, kwargs)))
 
     def __repr__(self) -> str:
@@ -725,6 +750,7 @@ class _Stream(_Method):
     __slots__ = ()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        args, kwargs = _unwrap_all(args, kwargs)
         return (_wrap(x) for x in _iterate(self._proxy._stream(self._name, args, kwargs)))
 
 
@@ -884,9 +910,10 @@ class RemoteRef:
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("_"):
             raise AttributeError(f"{name}: local attributes of a remote reference are fixed")
-        run(_rpc.setattr(self._ref, name, value))
+        run(_rpc.setattr(self._ref, name, _unwrap(value)))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = _unwrap_all(args, kwargs)
         return _wrap(run(self._ref(*args, **kwargs)))
 
     def __len__(self) -> int:
@@ -1156,12 +1183,70 @@ def _teleport_function(conn: ClassicConnection, func: Callable[..., Any]) -> Rem
     return conn.teleport(func)
 
 
-#: RPyC's ``rpyc.classic``: ``connect`` (port 18812 by default), ``redirected_stdio(conn)``,
-#: ``teleport_function(conn, func)`` (with ``from asyncdist import sync as rpyc``).
+def _obtain(ref: Any) -> Any:
+    """RPyC's ``classic.obtain``: a local copy of a remote object of a classic server (pickled
+    there, unpickled here, as RPyC does: classic mode trusts the server). A value that is not a
+    remote reference is returned as it is."""
+    if not isinstance(ref, RemoteRef):
+        return ref
+    session = ref._ref._rpc
+    if not isinstance(session, _classic.ClassicConnection):
+        raise TypeError("obtain() copies objects of a classic connection (rpyc.classic.connect)")
+    data = RemoteRef._of(session.modules["pickle"]).dumps(ref)  # ``ref`` arrives there as itself
+    return pickle.loads(data)
+
+
+def _deliver(conn: ClassicConnection, obj: Any) -> Any:
+    """RPyC's ``classic.deliver``: a copy of ``obj`` on the server (pickled here, unpickled
+    there); a remote reference to it, or the value when it travels by value."""
+    return conn.modules.pickle.loads(pickle.dumps(obj))
+
+
+def _upload(conn: ClassicConnection, localpath: str | os.PathLike[str], remotepath: str) -> None:
+    """RPyC's ``classic.upload``: copy a local file, or a directory tree, to the server."""
+    if os.path.isdir(localpath):
+        conn.modules.os.makedirs(remotepath, exist_ok=True)
+        for name in os.listdir(localpath):
+            _upload(conn, os.path.join(localpath, name), conn.modules["os.path"].join(remotepath, name))
+        return
+    remote = conn.builtins.open(remotepath, "wb")
+    try:
+        with open(localpath, "rb") as local:
+            while chunk := local.read(_COPY_CHUNK):
+                remote.write(chunk)
+    finally:
+        remote.close()
+
+
+def _download(conn: ClassicConnection, remotepath: str, localpath: str | os.PathLike[str]) -> None:
+    """RPyC's ``classic.download``: copy a file, or a directory tree, of the server here."""
+    if conn.modules["os.path"].isdir(remotepath):
+        os.makedirs(localpath, exist_ok=True)
+        for name in conn.modules.os.listdir(remotepath):
+            _download(conn, conn.modules["os.path"].join(remotepath, name), os.path.join(localpath, name))
+        return
+    remote = conn.builtins.open(remotepath, "rb")
+    try:
+        with open(localpath, "wb") as local:
+            while chunk := remote.read(_COPY_CHUNK):
+                local.write(chunk)
+    finally:
+        remote.close()
+
+
+_COPY_CHUNK = 256 * 1024
+
+#: RPyC's ``rpyc.classic`` (with ``from asyncdist import sync as rpyc``): ``connect`` (port 18812
+#: by default), ``redirected_stdio(conn)``, ``teleport_function(conn, func)``, ``obtain(ref)``,
+#: ``deliver(conn, obj)``, ``upload(conn, local, remote)``, ``download(conn, remote, local)``.
 classic = types.SimpleNamespace(
     connect=classic_connect,
     redirected_stdio=_redirected_stdio,
     teleport_function=_teleport_function,
+    obtain=_obtain,
+    deliver=_deliver,
+    upload=_upload,
+    download=_download,
     DEFAULT_SERVER_PORT=_classic.DEFAULT_PORT,
 )
 #: RPyC's ``rpyc.connect(host, port)``: :func:`rpc_connect`.

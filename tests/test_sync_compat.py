@@ -310,3 +310,88 @@ def test_scoop_shared_constants_reach_the_tasks_of_the_default_pool() -> None:
     shared.set_const(factor=3)  # the same value again: allowed
     with pytest.raises(ValueError, match="factor"):
         shared.setConst(factor=4)
+
+
+# -- remote references sent back; RPyC's classic helpers --------------------------------------------
+
+
+@sync.expose
+class Mirror:
+    def echo(self, x: Any) -> Any:
+        return x
+
+
+def test_blocking_handles_sent_back_arrive_as_what_they_stand_for() -> None:
+    server = sync.run(rpc.classic.serve(allow_classic=True, port=0))
+    try:
+        with sync.classic_connect("127.0.0.1", server.port) as conn:
+            conn.execute("class T:\n    pass\nt = T()\nholder = T()")
+            t = conn.eval("t")
+            assert isinstance(t, sync.RemoteRef)
+            assert conn.builtins.id(t) == conn.eval("id(t)")  # the object itself, not a wrapper
+            assert conn.eval("lambda xs, d: xs[0] is t and d['k'] is t")([t], {"k": t}) is True
+            conn.eval("holder").x = t
+            assert conn.eval("holder.x is t") is True
+    finally:
+        sync.run(server.aclose())
+    daemon = sync.Daemon()
+    uri = daemon.register(Mirror())
+    thread = threading.Thread(target=daemon.request_loop)
+    thread.start()
+    try:
+        with sync.Proxy(uri) as mirror:
+            back = mirror.echo(mirror)  # a proxy as an argument travels as a proxy
+            assert isinstance(back, sync.Proxy)
+            assert str(back._uri) == str(mirror._uri)
+            back._release()
+    finally:
+        daemon.shutdown()
+        thread.join(BOUND)
+    assert not thread.is_alive()
+
+
+def test_rpyc_classic_obtain_deliver_upload_download(tmp_path: Path) -> None:
+    import fractions
+    import os
+
+    rpyc = sync
+    server = sync.run(rpc.classic.serve(allow_classic=True, port=0))
+    try:
+        with rpyc.classic.connect("127.0.0.1", server.port) as conn:
+            third = conn.eval("__import__('fractions').Fraction(1, 3)")
+            assert isinstance(third, sync.RemoteRef)
+            assert rpyc.classic.obtain(third) == fractions.Fraction(1, 3)  # a local copy
+            assert rpyc.classic.obtain(42) == 42  # a value is returned as it is
+            there = rpyc.classic.deliver(conn, fractions.Fraction(2, 7))
+            assert isinstance(there, sync.RemoteRef)
+            assert str(there) == "2/7"
+            assert conn.builtins.isinstance(there, conn.modules.fractions.Fraction) is True
+
+            local = tmp_path / "local"
+            (local / "sub").mkdir(parents=True)
+            big = os.urandom(600_000)  # more than two copy chunks
+            (local / "big.bin").write_bytes(big)
+            (local / "sub" / "note.txt").write_text("hello")
+            rpyc.classic.upload(conn, str(local), str(tmp_path / "remote"))
+            assert (tmp_path / "remote" / "big.bin").read_bytes() == big
+            assert (tmp_path / "remote" / "sub" / "note.txt").read_text() == "hello"
+            rpyc.classic.download(conn, str(tmp_path / "remote"), str(tmp_path / "back"))
+            assert (tmp_path / "back" / "big.bin").read_bytes() == big
+            assert (tmp_path / "back" / "sub" / "note.txt").read_text() == "hello"
+            rpyc.classic.upload(conn, str(local / "sub" / "note.txt"), str(tmp_path / "one.txt"))
+            assert (tmp_path / "one.txt").read_text() == "hello"
+    finally:
+        sync.run(server.aclose())
+    plain_server = sync.run(rpc.serve(PlainService, port=0))
+    try:
+        with sync.rpc_connect("127.0.0.1", plain_server.port) as plain:
+            thing = plain.root.thing()
+            with pytest.raises(TypeError, match="classic"):
+                rpyc.classic.obtain(thing)
+    finally:
+        sync.run(plain_server.aclose())
+
+
+class PlainService(rpc.Service):
+    def exposed_thing(self) -> Any:
+        return Mirror()
