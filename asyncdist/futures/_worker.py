@@ -457,7 +457,8 @@ class Worker:
         out: list[_Result] = []
         tls = self._task_thread  # this thread's: the running task's key, time lent while waiting
         cancelled = self._cancelled
-        logs = self._logs
+        # Forwarding on: a task's unfinished line goes out when it ends (checked once per batch).
+        end_lines = self._logs.end_task if self._logs is not None and self._logs.active else None
         for key, attempt, fid, fn, args, kwargs in batch:
             if key in cancelled:
                 continue
@@ -469,8 +470,8 @@ class Worker:
             except Exception as exc:
                 value, status = exc, STATUS_ERROR
             finally:
-                if logs is not None:
-                    logs.end_task()
+                if end_lines is not None:
+                    end_lines()
                 tls.key = None
             elapsed = time.perf_counter() - start
             if waited := tls.waited:
