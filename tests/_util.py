@@ -6,8 +6,11 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import IO, Any, TypeVar
 
 from asyncdist import Connection, Proxy
 from asyncdist.testing import poll_for
@@ -55,6 +58,47 @@ async def stop(proc: asyncio.subprocess.Process, timeout: float = 10.0) -> None:
     except TimeoutError:
         proc.kill()
         await proc.wait()
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a worker started by hand: no ``ASYNCDIST_*`` variable of the test
+    run's (secrets, log level) but the time scale; ``tests/`` and this sys.path importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCDIST_")}
+    if "ASYNCDIST_TEST_TIME_SCALE" in os.environ:
+        env["ASYNCDIST_TEST_TIME_SCALE"] = os.environ["ASYNCDIST_TEST_TIME_SCALE"]
+    paths = [str(Path(__file__).resolve().parent), *(p for p in sys.path if p and os.path.isdir(p))]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+@contextlib.asynccontextmanager
+async def hand_worker(
+    address: str,
+    *options: str,
+    stdout: IO[bytes],
+    stderr: IO[bytes] | None = None,
+    global_options: tuple[str, ...] = (),
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m asyncdist [global_options] worker --broker ADDRESS [options]``, started by
+    hand; stopped (SIGTERM) and reaped on exit. ``stderr`` None: with ``stdout``."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "asyncdist",
+        *global_options,
+        "worker",
+        "--broker",
+        address,
+        *options,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stdout if stderr is None else stderr,
+        env=worker_env(),
+    )
+    try:
+        yield proc
+    finally:
+        await stop(proc)
 
 
 def conn_of(proxy: Proxy) -> Connection | None:

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import _futures_tasks as T
+import _util
 import pytest
-from _util import SCALE, alive, cpu_count, eventually, stop
+from _util import SCALE, alive, cpu_count, eventually, worker_env
 
 import asyncdist
 from asyncdist import (
@@ -57,36 +58,12 @@ def status_is(pool: Pool, **expected: Any) -> Callable[[], Awaitable[bool]]:
     return check
 
 
-def worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("ASYNCDIST_SECRET", None)
-    env.pop("ASYNCDIST_SECRET_FILE", None)
-    paths = [str(TESTS), *(p for p in sys.path if p and os.path.isdir(p))]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    return env
-
-
 @contextlib.asynccontextmanager
 async def hand_worker(address: str, log: Path, *options: str) -> AsyncIterator[asyncio.subprocess.Process]:
     """A worker process started by hand (``python -m asyncdist worker``); stopped and reaped on exit."""
     with open(log, "ab") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "asyncdist",
-            "worker",
-            "--broker",
-            address,
-            *options,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            env=worker_env(),
-        )
-    try:
-        yield proc
-    finally:
-        await stop(proc)
+        async with _util.hand_worker(address, *options, stdout=out) as proc:
+            yield proc
 
 
 def write_secret(path: Path, secret: bytes) -> Path:

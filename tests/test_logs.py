@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import _logs_tasks as T
+import _util
 import pytest
-from _util import SCALE, alive, eventually, stop
+from _util import SCALE, alive, eventually, worker_env
 
 import asyncdist
 from asyncdist import Pool, ProtocolError
@@ -130,43 +131,17 @@ def clients_are(pool: Pool, n: int) -> Any:
     return check
 
 
-def worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for name in list(env):
-        if name.startswith("ASYNCDIST_") and name != "ASYNCDIST_TEST_TIME_SCALE":
-            env.pop(name)
-    paths = [str(TESTS), *(p for p in sys.path if p and os.path.isdir(p))]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    return env
-
-
 @contextlib.asynccontextmanager
 async def hand_worker(
     address: str, secret_file: Path, name: str, out: Path, err: Path, *global_options: str
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """``python -m asyncdist [global options] worker --name NAME``; stopped (SIGTERM) and reaped on exit."""
     with open(out, "wb") as out_file, open(err, "wb") as err_file:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "asyncdist",
-            *global_options,
-            "worker",
-            "--broker",
-            address,
-            "--secret-file",
-            str(secret_file),
-            "--name",
-            name,
-            stdin=subprocess.DEVNULL,
-            stdout=out_file,
-            stderr=err_file,
-            env=worker_env(),
-        )
-    try:
-        yield proc
-    finally:
-        await stop(proc)
+        options = ("--secret-file", str(secret_file), "--name", name)
+        async with _util.hand_worker(
+            address, *options, stdout=out_file, stderr=err_file, global_options=global_options
+        ) as proc:
+            yield proc
 
 
 # -- 1. records of asyncdist's loggers name their host and worker ---------------------------
