@@ -101,6 +101,29 @@ async def hand_worker(
         await stop(proc)
 
 
+async def read_until(
+    proc: asyncio.subprocess.Process,
+    found: Callable[[str], _T | None],
+    what: str,
+    lines: list[str],
+    timeout: float,
+) -> _T:
+    """Read ``proc``'s stdout line by line (each kept in ``lines``, without its newline) until
+    ``found(line)`` is not None, and return that; fail naming ``what``, with the lines read and
+    its stderr, if the process ends first (or after ``timeout`` s)."""
+    assert proc.stdout is not None
+    async with asyncio.timeout(timeout):
+        while True:
+            raw = await proc.stdout.readline()
+            if not raw:
+                err = (await proc.stderr.read()).decode() if proc.stderr is not None else ""
+                raise AssertionError(f"the process ended before {what}: {lines} {err}")
+            lines.append(raw.decode().rstrip("\n"))
+            result = found(lines[-1])
+            if result is not None:
+                return result
+
+
 def conn_of(proxy: Proxy) -> Connection | None:
     """A proxy's connection (a function, so that type checkers do not narrow it)."""
     return proxy._conn

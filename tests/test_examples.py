@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from _util import SCALE, stop
+from _util import SCALE, read_until, stop
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -90,14 +90,8 @@ class _Processes:
         """Start ``python ARGV`` in examples/objects and wait for the line containing ``ready``."""
         proc = await self._spawn(argv, stderr=asyncio.subprocess.STDOUT)
         lines = self.output.setdefault(argv[-1], [])
-        assert proc.stdout is not None
-        async with asyncio.timeout(30 * SCALE):
-            while True:
-                raw = await proc.stdout.readline()
-                assert raw, f"{argv} exited before {ready!r}: {lines}"
-                lines.append(raw.decode().rstrip("\n"))
-                if ready in lines[-1]:
-                    return proc
+        await read_until(proc, lambda line: ready in line or None, f"{argv}: {ready!r}", lines, 30 * SCALE)
+        return proc
 
     async def run(self, *argv: str) -> str:
         """Run a client to completion; return its output."""

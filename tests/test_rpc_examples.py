@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from _util import SCALE, free_port, stop
+from _util import SCALE, free_port, read_until, stop
 
 from asyncdist import rpc
 
@@ -113,19 +113,9 @@ class Processes:
     async def server(self, *argv: str, cwd: Path = ROOT) -> tuple[asyncio.subprocess.Process, int]:
         """Start a server; return it and the port of its banner ``... listening on HOST:PORT``."""
         proc = await self.start(*argv, cwd=cwd)
-        assert proc.stdout is not None
-        said: list[str] = []
-        async with asyncio.timeout(BOUND):
-            while True:
-                raw = await proc.stdout.readline()
-                if not raw:
-                    assert proc.stderr is not None
-                    err = (await proc.stderr.read()).decode()
-                    pytest.fail(f"{argv} exited before its banner: {said} {err}")
-                said.append(raw.decode())
-                found = re.search(r"listening on 127\.0\.0\.1:(\d+)", said[-1])
-                if found:
-                    return proc, int(found.group(1))
+        banner = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+        found = await read_until(proc, banner.search, f"{argv}: its banner", [], BOUND)
+        return proc, int(found.group(1))
 
     async def run(self, *argv: str) -> tuple[int, str, str]:
         """Run ``python ARGV`` (from the repository root) to its end: (exit code, stdout, stderr)."""

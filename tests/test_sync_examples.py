@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from _util import SCALE, pids_with_env, stop
+from _util import SCALE, pids_with_env, read_until, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "sync"
@@ -81,17 +81,8 @@ class Run:
         """Start ``python ARGV`` (from the repository root); wait for the line containing ``ready``."""
         proc = await self._spawn(argv, ROOT, asyncio.subprocess.DEVNULL)
         said = self.said.setdefault(proc, [])
-        assert proc.stdout is not None
-        async with asyncio.timeout(BOUND):
-            while True:
-                raw = await proc.stdout.readline()
-                if not raw:
-                    assert proc.stderr is not None
-                    err = (await proc.stderr.read()).decode()
-                    pytest.fail(f"{argv} exited before {ready!r}: {said} {err}")
-                said.append(raw.decode().rstrip("\n"))
-                if ready in said[-1]:
-                    return proc
+        await read_until(proc, lambda line: ready in line or None, f"{argv}: {ready!r}", said, BOUND)
+        return proc
 
     async def run(self, *argv: str, cwd: Path = ROOT, stdin: bytes | None = None) -> tuple[int, str, str]:
         """Run ``python ARGV`` to its end: (exit code, stdout, stderr)."""
